@@ -24,7 +24,11 @@ def require(cond: bool, field: str, message: str) -> None:
 
 
 def positive_int(value: Any, field: str) -> None:
-    require(isinstance(value, int) and not isinstance(value, bool) and value > 0, field, "must be a positive integer")
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        field,
+        "must be a positive integer",
+    )
 
 
 def non_negative(value: Any, field: str) -> None:
@@ -113,7 +117,9 @@ def _scalar(hint: Any, value: Any, path: str) -> Any:
     if hint is bool:
         require(isinstance(value, bool), path, f"must be true or false, got {value!r}")
     elif hint is int:
-        require(isinstance(value, int) and not isinstance(value, bool), path, f"must be an integer, got {value!r}")
+        require(
+            isinstance(value, int) and not isinstance(value, bool), path, f"must be an integer, got {value!r}"
+        )
     elif hint is float:
         require(_is_number(value), path, f"must be a number, got {value!r}")
         return float(value)

@@ -103,9 +103,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
     if path.suffix != ".safetensors":
-        raise ModelError(
-            f"{path}: only .safetensors weights are loaded (pickled checkpoints can run code)"
-        )
+        raise ModelError(f"{path}: only .safetensors weights are loaded (pickled checkpoints can run code)")
     return load_file(str(path))
 
 

@@ -1,0 +1,79 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON.
+
+A checkpoint folder holds the model weights, the optimizer's tensors, the RNG
+states and a JSON file with the trainer's counters, history and the optimizer's
+hyper-parameters. Nothing is pickled, so loading one cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from slimkit.errors import SlimkitError
+from slimkit.utils.io import atomic_path, load_weights, save_weights
+
+
+def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, slots in opt_state["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, slots in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(slots)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    best_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    folder = Path(folder)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    rng = {"torch": torch.get_rng_state()}
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        save_weights(model, tmp / "model.safetensors")
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        if best_state is not None:
+            save_file(best_state, str(tmp / "best.safetensors"))
+        meta = {"trainer": trainer_state, "optimizer": opt_meta}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def load_checkpoint(
+    folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Restore model, optimizer and RNG in place; return the trainer state and best weights."""
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        raise SlimkitError(f"not a slimkit checkpoint (no state.json): {folder}")
+    meta = json.loads((folder / "state.json").read_text())
+    load_weights(model, folder / "model.safetensors")
+    opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, meta["optimizer"]))
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch"])
+    best_file = folder / "best.safetensors"
+    best = load_file(str(best_file)) if best_file.is_file() else None
+    return meta["trainer"], best
