@@ -1,0 +1,181 @@
+"""Typed, validated configs for every pruning method (one config type per method).
+
+``prune_(model, config)`` dispatches on the config's type, so a recipe step
+only has to build the right dataclass (``from_dict``) from its YAML mapping.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from slimkit.config import in_range, non_negative, one_of, positive_int, require
+from slimkit.errors import ConfigError
+
+#: Module types that unstructured pruning understands (weights of any shape work,
+#: but these are the layers whose weights are matrices or kernels).
+UNSTRUCTURED_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Embedding", "Bilinear")
+
+
+def _check_patterns(patterns: list[str], field_name: str) -> None:
+    require(isinstance(patterns, (list, tuple)), field_name, "must be a list of name patterns")
+    for i, p in enumerate(patterns):
+        require(isinstance(p, str) and p != "", f"{field_name}[{i}]", "must be a non-empty string")
+
+
+def parse_n_m(value: str, field_name: str = "n_m") -> tuple[int, int]:
+    """``"2:4"`` -> ``(2, 4)``: keep N weights in every block of M consecutive inputs."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(value))
+    require(match is not None, field_name, f"must look like '2:4' (N:M), got {value!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    require(0 < n < m, field_name, f"needs 0 < N < M, got {value!r}")
+    return n, m
+
+
+@dataclass
+class MagnitudeConfig:
+    """Unstructured magnitude pruning (|w|), by target sparsity, threshold, or N:M pattern.
+
+    Exactly one of ``sparsity``, ``threshold`` and ``n_m`` is set. ``scope``
+    ``"layer"`` removes that fraction in every selected layer; ``"global"`` ranks
+    all selected weights together (one cut-off for the whole model).
+    """
+
+    sparsity: float | None = None
+    threshold: float | None = None
+    n_m: str | None = None
+    scope: Literal["layer", "global"] = "layer"
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    module_types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d"])
+    prune_bias: bool = False
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("sparsity", "threshold", "n_m") if getattr(self, n) is not None]
+        require(len(given) == 1, "sparsity", f"set exactly one of sparsity, threshold, n_m (got {given or 'none'})")
+        if self.sparsity is not None:
+            in_range(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
+        if self.threshold is not None:
+            non_negative(self.threshold, "threshold")
+        if self.n_m is not None:
+            parse_n_m(self.n_m)
+        one_of(self.scope, "scope", ("layer", "global"))
+        _check_patterns(self.include, "include")
+        _check_patterns(self.exclude, "exclude")
+        require(len(self.module_types) > 0, "module_types", "must name at least one module type")
+        for i, t in enumerate(self.module_types):
+            one_of(t, f"module_types[{i}]", UNSTRUCTURED_TYPES)
+
+
+@dataclass
+class GradualConfig:
+    """Zhu & Gupta (2017) polynomial schedule: s_t = s_f + (s_i - s_f)(1 - (t - t0) / (n dt))^3.
+
+    Sparsity grows from ``initial_sparsity`` at ``start_step`` to
+    ``final_sparsity`` at ``end_step``, updated every ``frequency`` steps.
+    The selection options (scope, include, ...) come from ``magnitude``.
+    """
+
+    final_sparsity: float = 0.9
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int = 1000
+    frequency: int = 100
+    exponent: float = 3.0
+    scope: Literal["layer", "global"] = "layer"
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    module_types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d"])
+
+    def __post_init__(self) -> None:
+        in_range(self.final_sparsity, "final_sparsity", 0.0, 1.0, hi_open=True)
+        in_range(self.initial_sparsity, "initial_sparsity", 0.0, self.final_sparsity)
+        non_negative(self.start_step, "start_step")
+        require(
+            isinstance(self.end_step, int) and self.end_step > self.start_step,
+            "end_step",
+            f"must be an integer > start_step ({self.start_step}), got {self.end_step!r}",
+        )
+        positive_int(self.frequency, "frequency")
+        in_range(self.exponent, "exponent", 1.0, 10.0)
+        # Reuse MagnitudeConfig's checks for the selection fields.
+        self.magnitude(self.initial_sparsity)
+
+    def magnitude(self, sparsity: float) -> MagnitudeConfig:
+        return MagnitudeConfig(
+            sparsity=sparsity,
+            scope=self.scope,
+            include=list(self.include),
+            exclude=list(self.exclude),
+            module_types=list(self.module_types),
+        )
+
+    def sparsity_at(self, step: int) -> float:
+        if step <= self.start_step:
+            return self.initial_sparsity
+        progress = min(1.0, (step - self.start_step) / (self.end_step - self.start_step))
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1 - progress) ** self.exponent
+
+
+IMPORTANCES = ("l1", "l2", "activation", "apoz", "taylor", "random")
+
+
+@dataclass
+class StructuredConfig:
+    """Structured pruning: physically remove neurons, channels and attention heads.
+
+    ``ratio`` is the fraction of channels removed in every prunable channel
+    group (Linear neurons, Conv2d channels, transformer FFN neurons);
+    ``head_ratio`` the fraction of attention heads removed in every attention
+    block (``None``: same as ``ratio``). ``ratios`` overrides ``ratio`` for the
+    groups whose layer name matches a pattern (first match wins). With
+    ``global_ranking`` the channels of all groups compete in one ranking (scores
+    normalised per group) and ``ratio`` is the overall fraction removed.
+    ``include``/``exclude`` select groups by the names of their layers.
+    """
+
+    ratio: float = 0.5
+    head_ratio: float | None = None
+    ratios: dict[str, float] = field(default_factory=dict)
+    importance: Literal["l1", "l2", "activation", "apoz", "taylor", "random"] = "l2"
+    global_ranking: bool = False
+    min_width: int = 1
+    min_heads: int = 1
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    prune_heads: bool = True
+    prune_channels: bool = True
+    round_to: int = 1
+    calibration_batches: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        in_range(self.ratio, "ratio", 0.0, 1.0, hi_open=True)
+        if self.head_ratio is not None:
+            in_range(self.head_ratio, "head_ratio", 0.0, 1.0, hi_open=True)
+        require(isinstance(self.ratios, dict), "ratios", "must map layer-name patterns to ratios")
+        for pattern, value in self.ratios.items():
+            require(isinstance(pattern, str) and pattern != "", "ratios", "keys must be non-empty patterns")
+            in_range(value, f"ratios.{pattern}", 0.0, 1.0, hi_open=True)
+        one_of(self.importance, "importance", IMPORTANCES)
+        positive_int(self.min_width, "min_width")
+        positive_int(self.min_heads, "min_heads")
+        positive_int(self.round_to, "round_to")
+        positive_int(self.calibration_batches, "calibration_batches")
+        _check_patterns(self.include, "include")
+        _check_patterns(self.exclude, "exclude")
+        require(isinstance(self.seed, int), "seed", "must be an integer")
+
+    @property
+    def effective_head_ratio(self) -> float:
+        return self.ratio if self.head_ratio is None else self.head_ratio
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance in ("activation", "apoz", "taylor")
+
+
+def check_calibration(config: StructuredConfig, calibration) -> None:
+    if config.needs_calibration and calibration is None:
+        raise ConfigError("importance", f"{config.importance!r} needs calibration batches (calibration=...)")

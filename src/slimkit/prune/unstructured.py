@@ -1,0 +1,205 @@
+"""Unstructured magnitude pruning: masks on |w|, kept at exactly zero during fine-tuning.
+
+Masks live in a :class:`Masks` object (parameter name -> bool tensor) rather
+than as buffers or parametrizations, so the model's state dict and forward stay
+those of an ordinary module; :class:`MaskCallback` keeps pruned weights at
+zero while the Trainer runs (gradients masked after backward, weights
+re-masked after every optimizer step, which also cancels momentum and weight
+decay that would otherwise revive them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimkit.errors import ModelError
+from slimkit.prune.config import GradualConfig, MagnitudeConfig, parse_n_m
+from slimkit.prune.select import select_modules
+from slimkit.train.callbacks import Callback
+
+
+class Masks(dict):
+    """``{parameter name: bool mask}``; True keeps the weight."""
+
+    def apply_(self, model: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            for name, mask in self.items():
+                # masked_fill, not mul: w * 0 would leave -0.0, which costs space in sparse files.
+                model.get_parameter(name).masked_fill_(~mask, 0.0)
+        return model
+
+    def mask_grads_(self, model: nn.Module) -> None:
+        for name, mask in self.items():
+            grad = model.get_parameter(name).grad
+            if grad is not None:
+                grad.masked_fill_(~mask, 0.0)
+
+    def sparsity(self) -> float:
+        total = sum(m.numel() for m in self.values())
+        return 1.0 - sum(int(m.sum()) for m in self.values()) / max(total, 1)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {n: 1.0 - float(m.float().mean()) for n, m in self.items()}
+
+
+def prunable_parameters(model: nn.Module, config: MagnitudeConfig) -> dict[str, torch.Tensor]:
+    """``{parameter name: tensor}`` selected by the config (validates patterns and layers)."""
+    modules = select_modules(model, config.include, config.exclude, config.module_types)
+    params = {}
+    for mod_name, module in modules.items():
+        for pname in ("weight", "bias") if config.prune_bias else ("weight",):
+            p = getattr(module, pname, None)
+            if isinstance(p, torch.Tensor) and p.is_floating_point():
+                params[f"{mod_name}.{pname}"] = p
+    if not params:
+        raise ModelError(f"no floating-point weights in the selected layers {sorted(modules)[:5]}")
+    return params
+
+
+def _smallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask (True = keep) removing exactly the ``k`` smallest scores (ties broken by position)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    if k > 0:
+        order = torch.argsort(scores.flatten(), stable=True)
+        keep[order[:k]] = False
+    return keep.view(scores.shape)
+
+
+def _n_m_mask(name: str, weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` largest of every ``m`` consecutive input weights of each output row."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    if rows.shape[1] % m:
+        raise ModelError(f"{name}: {rows.shape[1]} inputs per output are not a multiple of M={m} for N:M pruning")
+    blocks = rows.abs().reshape(-1, m)
+    top = torch.topk(blocks, n, dim=1).indices
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, top, True)
+    return keep.reshape(weight.shape)
+
+
+def magnitude_masks(model: nn.Module, config: MagnitudeConfig) -> Masks:
+    """Compute masks without touching the model."""
+    params = prunable_parameters(model, config)
+    masks = Masks()
+    if config.n_m is not None:
+        n, m = parse_n_m(config.n_m)
+        for name, p in params.items():
+            masks[name] = _n_m_mask(name, p, n, m)
+        return masks
+    if config.threshold is not None:
+        for name, p in params.items():
+            masks[name] = p.detach().abs() > config.threshold
+        return masks
+    if config.scope == "layer":
+        for name, p in params.items():
+            masks[name] = _smallest_mask(p.detach().abs(), round(config.sparsity * p.numel()))
+        return masks
+    flat = torch.cat([p.detach().abs().flatten().float() for p in params.values()])
+    keep = _smallest_mask(flat, round(config.sparsity * flat.numel()))
+    offset = 0
+    for name, p in params.items():
+        masks[name] = keep[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return masks
+
+
+def prune_magnitude_(model: nn.Module, config: MagnitudeConfig) -> Masks:
+    """Zero the selected weights in place; return the masks (keep them for fine-tuning)."""
+    masks = magnitude_masks(model, config)  # validates everything before the model changes
+    masks.apply_(model)
+    return masks
+
+
+def masks_from_zeros(model: nn.Module, config: MagnitudeConfig | None = None) -> Masks:
+    """Masks that keep every non-zero weight (e.g. after ``load_sparse``), to resume fine-tuning."""
+    config = config or MagnitudeConfig(sparsity=0.0)
+    return Masks({n: p.detach() != 0 for n, p in prunable_parameters(model, config).items()})
+
+
+def finalize_(model: nn.Module, masks: Masks) -> nn.Module:
+    """Fold the masks into the weights for good: the model no longer needs them."""
+    masks.apply_(model)
+    masks.clear()
+    return model
+
+
+class MaskCallback(Callback):
+    """Keeps pruned weights at exactly zero during training (works with momentum and weight decay)."""
+
+    def __init__(self, masks: Masks):
+        self.masks = masks
+
+    def on_train_begin(self, trainer) -> None:
+        self.masks.apply_(trainer.model)
+
+    def on_after_backward(self, trainer) -> None:
+        self.masks.mask_grads_(trainer.model)
+
+    def on_step_end(self, trainer) -> None:
+        self.masks.apply_(trainer.model)
+
+
+class GradualPruningCallback(MaskCallback):
+    """Zhu & Gupta's gradual magnitude pruning: sparsity follows a cubic schedule over training steps.
+
+    Every ``frequency`` steps the masks are recomputed at the scheduled sparsity
+    from the current magnitudes (pruned weights stay at zero, so they remain
+    pruned); in between, the masks are held like :class:`MaskCallback`.
+    """
+
+    def __init__(self, model: nn.Module, config: GradualConfig):
+        self.config = config
+        self.history: list[tuple[int, float]] = []
+        super().__init__(magnitude_masks(model, config.magnitude(config.initial_sparsity)))
+
+    def on_train_begin(self, trainer) -> None:
+        self._update(trainer.model, trainer.global_step)
+
+    def on_step_end(self, trainer) -> None:
+        step = trainer.global_step
+        cfg = self.config
+        if cfg.start_step <= step <= cfg.end_step and (step - cfg.start_step) % cfg.frequency == 0:
+            self._update(trainer.model, step)
+        elif step >= cfg.end_step and (not self.history or self.history[-1][1] < cfg.final_sparsity):
+            self._update(trainer.model, step)
+        self.masks.apply_(trainer.model)
+
+    def _update(self, model: nn.Module, step: int) -> None:
+        sparsity = self.config.sparsity_at(step)
+        new = magnitude_masks(model, self.config.magnitude(sparsity))
+        # Never revive a weight that an earlier step pruned.
+        for name, mask in new.items():
+            self.masks[name] = mask & self.masks[name] if name in self.masks else mask
+        self.masks.apply_(model)
+        self.history.append((step, sparsity))
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [tuple(h) for h in state.get("history", [])]
+
+
+def iterative_sparsities(final_sparsity: float, cycles: int) -> list[float]:
+    """Per-cycle targets for prune-and-retrain: the kept fraction shrinks geometrically."""
+    if cycles < 1:
+        raise ValueError("cycles must be >= 1")
+    return [1.0 - (1.0 - final_sparsity) ** ((k + 1) / cycles) for k in range(cycles)]
+
+
+def prune_iteratively_(model: nn.Module, config: MagnitudeConfig, cycles: int, retrain) -> Masks:
+    """Prune to ``config.sparsity`` in ``cycles`` prune-and-retrain rounds.
+
+    ``retrain(model, callback)`` fine-tunes the model with the given
+    :class:`MaskCallback` among its Trainer callbacks.
+    """
+    if config.sparsity is None:
+        raise ValueError("iterative pruning needs config.sparsity")
+    masks = Masks()
+    for target in iterative_sparsities(config.sparsity, cycles):
+        step_cfg = MagnitudeConfig(**{**config.__dict__, "sparsity": target})
+        new = magnitude_masks(model, step_cfg)
+        masks = Masks({n: m & masks[n] if n in masks else m for n, m in new.items()})
+        masks.apply_(model)
+        retrain(model, MaskCallback(masks))
+    return masks
