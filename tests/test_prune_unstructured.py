@@ -121,12 +121,16 @@ def test_without_callback_weights_revive():
 
 def test_gradual_schedule_reaches_final_sparsity():
     model = _mlp()
-    cfg = GradualConfig(final_sparsity=0.8, start_step=0, end_step=12, frequency=4, include=["net.1", "net.4"])
+    cfg = GradualConfig(
+        final_sparsity=0.8, start_step=0, end_step=12, frequency=4, include=["net.1", "net.4"]
+    )
     assert cfg.sparsity_at(0) == 0.0 and cfg.sparsity_at(12) == pytest.approx(0.8)
     assert cfg.sparsity_at(6) == pytest.approx(0.8 - 0.8 * 0.5**3)
     cb = GradualPruningCallback(model, cfg)
     data = TensorDataset(torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,)))
-    Trainer(model, TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.01, progress=False), [cb]).fit(data)
+    Trainer(model, TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.01, progress=False), [cb]).fit(
+        data
+    )
     assert [s for _, s in cb.history][-1] == pytest.approx(0.8)
     sparsities = [s for _, s in cb.history]
     assert sparsities == sorted(sparsities)
@@ -148,7 +152,9 @@ def test_sparse_round_trip_is_bit_exact_and_small(tmp_path, compress):
     fresh = LeNet5()
     load_sparse(fresh, tmp_path / "sparse.safetensors")
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
-        assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), k
+        assert a.dtype == b.dtype and torch.equal(
+            a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)
+        ), k
 
 
 def test_load_sparse_rejects_wrong_model(tmp_path):

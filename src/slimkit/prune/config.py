@@ -53,7 +53,11 @@ class MagnitudeConfig:
 
     def __post_init__(self) -> None:
         given = [n for n in ("sparsity", "threshold", "n_m") if getattr(self, n) is not None]
-        require(len(given) == 1, "sparsity", f"set exactly one of sparsity, threshold, n_m (got {given or 'none'})")
+        require(
+            len(given) == 1,
+            "sparsity",
+            f"set exactly one of sparsity, threshold, n_m (got {given or 'none'})",
+        )
         if self.sparsity is not None:
             in_range(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
         if self.threshold is not None:
@@ -115,7 +119,10 @@ class GradualConfig:
         if step <= self.start_step:
             return self.initial_sparsity
         progress = min(1.0, (step - self.start_step) / (self.end_step - self.start_step))
-        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1 - progress) ** self.exponent
+        return (
+            self.final_sparsity
+            + (self.initial_sparsity - self.final_sparsity) * (1 - progress) ** self.exponent
+        )
 
 
 IMPORTANCES = ("l1", "l2", "activation", "apoz", "taylor", "random")

@@ -61,7 +61,9 @@ def encode_sparse(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return out, {"slimkit_sparse": json.dumps(layout)}
 
 
-def decode_sparse(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> dict[str, torch.Tensor]:
+def decode_sparse(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
+) -> dict[str, torch.Tensor]:
     layout = json.loads((metadata or {}).get("slimkit_sparse", "{}"))
     state = {k: v for k, v in tensors.items() if "::" not in k}
     for name, shape in layout.items():
@@ -119,7 +121,11 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     wrong = [k for k in state if k not in own or own[k].shape != state[k].shape]
     if wrong:
         k = wrong[0]
-        detail = "not in the model" if k not in own else f"file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        detail = (
+            "not in the model"
+            if k not in own
+            else f"file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        )
         raise ModelError(f"{path} does not fit the model: {k} ({detail})")
     ptrs = {own[k].untyped_storage().data_ptr() for k in state}
     missing = [k for k in own if k not in state and own[k].untyped_storage().data_ptr() not in ptrs]

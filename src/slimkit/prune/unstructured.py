@@ -70,7 +70,9 @@ def _n_m_mask(name: str, weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` largest of every ``m`` consecutive input weights of each output row."""
     rows = weight.detach().reshape(weight.shape[0], -1)
     if rows.shape[1] % m:
-        raise ModelError(f"{name}: {rows.shape[1]} inputs per output are not a multiple of M={m} for N:M pruning")
+        raise ModelError(
+            f"{name}: {rows.shape[1]} inputs per output are not a multiple of M={m} for N:M pruning"
+        )
     blocks = rows.abs().reshape(-1, m)
     top = torch.topk(blocks, n, dim=1).indices
     keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, top, True)
@@ -158,9 +160,10 @@ class GradualPruningCallback(MaskCallback):
     def on_step_end(self, trainer) -> None:
         step = trainer.global_step
         cfg = self.config
-        if cfg.start_step <= step <= cfg.end_step and (step - cfg.start_step) % cfg.frequency == 0:
-            self._update(trainer.model, step)
-        elif step >= cfg.end_step and (not self.history or self.history[-1][1] < cfg.final_sparsity):
+        on_schedule = cfg.start_step <= step <= cfg.end_step and (step - cfg.start_step) % cfg.frequency == 0
+        # Training may stop between two updates: make sure the final sparsity is reached.
+        overdue = step >= cfg.end_step and (not self.history or self.history[-1][1] < cfg.final_sparsity)
+        if on_schedule or overdue:
             self._update(trainer.model, step)
         self.masks.apply_(trainer.model)
 
