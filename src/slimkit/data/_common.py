@@ -1,0 +1,158 @@
+"""Helpers shared by the loaders: file checks, deterministic splits, label maps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from slimkit.data.base import DataBundle, TextDataset
+from slimkit.errors import DataError
+
+
+def require_file(path: Path, what: str = "file") -> Path:
+    """``path`` if it is an existing file, else a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def require_dir(path: Path, what: str = "folder") -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def resolve_dir(root: str | Path, subdir: str, names: Sequence[str]) -> Path:
+    """The folder holding ``names``: ``root`` itself or ``root/subdir``.
+
+    Accepting both lets a recipe point at the shared data root or straight at
+    one data set's folder.
+    """
+    root = Path(root)
+    for cand in (root, root / subdir):
+        if all((cand / n).is_file() for n in names):
+            return cand
+    base = root / subdir if (root / subdir).is_dir() else root
+    missing = next((base / n for n in names if not (base / n).is_file()), base / names[0])
+    raise DataError(f"file not found: {missing}")
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise DataError(f"{name} must be in [0, 1), got {f!r}")
+    if val_fraction + test_fraction >= 1:
+        raise DataError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
+
+
+def split_counts(n: int, counts: Sequence[int], seed: int) -> list[np.ndarray]:
+    """Shuffle ``range(n)`` with ``seed`` and cut it into parts of ``counts`` (the rest last)."""
+    order = np.random.default_rng(seed).permutation(n)
+    bounds = np.cumsum([0, *counts])
+    if bounds[-1] > n:
+        raise DataError(f"cannot take {bounds[-1]} samples from {n}")
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])] + [order[bounds[-1] :]]
+
+
+def three_way(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """(train, val, test) index arrays; test and val sizes are rounded fractions of ``n``."""
+    check_fractions(val_fraction, test_fraction)
+    n_test, n_val = round(test_fraction * n), round(val_fraction * n)
+    if n_test == 0:
+        raise DataError(f"test_fraction {test_fraction} of {n} samples leaves an empty test split")
+    if n_test + n_val >= n:
+        raise DataError(f"{n} samples are too few to split off {n_test} test and {n_val} val samples")
+    test, val, train = split_counts(n, [n_test, n_val], seed)
+    return train, val, test
+
+
+def two_way(n: int, held_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held_out) index arrays with ``round(held_fraction * n)`` held out."""
+    check_fractions(held_fraction, 0.0)
+    n_held = round(held_fraction * n)
+    if n_held >= n:
+        raise DataError(f"{n} samples are too few to hold out {n_held}")
+    held, kept = split_counts(n, [n_held], seed)
+    return kept, held
+
+
+def tensor_splits(
+    x: torch.Tensor, y: torch.Tensor, parts: Iterable[np.ndarray]
+) -> list[TensorDataset | None]:
+    """One TensorDataset per index array; an empty part becomes None (no val split)."""
+    out = []
+    for idx in parts:
+        idx = torch.as_tensor(np.sort(idx), dtype=torch.long)
+        out.append(TensorDataset(x[idx], y[idx]) if len(idx) else None)
+    return out
+
+
+def text_splits(rows: Sequence[dict], parts: Iterable[np.ndarray]) -> list[TextDataset | None]:
+    out = []
+    for idx in parts:
+        out.append(TextDataset([rows[i] for i in np.sort(idx)]) if len(idx) else None)
+    return out
+
+
+def label_map(values: Iterable[str]) -> list[str]:
+    """Sorted distinct label names; numerically when every label is an integer ("2" < "10")."""
+    names = sorted(set(values))
+    if all(_is_int(v) for v in names):
+        names.sort(key=int)
+    return names
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def split_sizes(**splits) -> dict[str, int]:
+    """``{"train": 7200, ...}`` for the bundle's info, skipping absent splits."""
+    return {k: len(v) for k, v in splits.items() if v is not None}
+
+
+def tensor_bundle(
+    name: str,
+    task: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    parts,
+    num_classes=None,
+    label_names=None,
+    info=None,
+) -> DataBundle:
+    """A tensor DataBundle from whole arrays and (train, val, test) index arrays."""
+    splits = tensor_splits(x, y, parts)
+    return _bundle(name, task, splits, "tensor", num_classes, label_names, tuple(x.shape[1:]), info)
+
+
+def text_bundle(name: str, task: str, splits, label_names=None, info=None) -> DataBundle:
+    """A text DataBundle from (train, val, test) TextDatasets; val may be None."""
+    num_classes = len(label_names) if label_names else None
+    return _bundle(name, task, splits, "text", num_classes, label_names, None, info)
+
+
+def _bundle(name, task, splits, input_kind, num_classes, label_names, input_shape, info) -> DataBundle:
+    train, val, test = splits
+    return DataBundle(
+        name=name,
+        task=task,
+        train=train,
+        val=val,
+        test=test,
+        num_classes=num_classes,
+        input_kind=input_kind,
+        input_shape=input_shape,
+        label_names=list(label_names) if label_names else None,
+        info={**(info or {}), "sizes": split_sizes(train=train, val=val, test=test)},
+    )

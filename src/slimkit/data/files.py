@@ -1,0 +1,319 @@
+"""Bring-your-own data: tables (CSV/TSV/JSONL), NumPy ``.npz``, image folders, saved HF datasets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimkit.data._common import (
+    label_map,
+    require_dir,
+    require_file,
+    tensor_bundle,
+    text_bundle,
+    text_splits,
+    three_way,
+    two_way,
+)
+from slimkit.data.base import DataBundle, TextDataset
+from slimkit.errors import DataError
+
+ROLES = ("text", "text_pair", "label", "score")
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+HF_SPLITS = {"train": "train", "validation": "val", "val": "val", "dev": "val", "test": "test"}
+
+Record = tuple[str, dict]  # (location for error messages, raw row)
+
+
+def load_table(
+    path: str | Path,
+    columns: Mapping[str, str] | None = None,
+    format: str | None = None,
+    test_path: str | Path | None = None,
+    val_path: str | Path | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    task: str | None = None,
+) -> DataBundle:
+    """A text DataBundle from a table file (``.csv``, ``.tsv`` or ``.jsonl``; ``format`` overrides the suffix).
+
+    ``columns`` maps the roles ``text``, ``text_pair``, ``label``, ``score`` to column names; by
+    default every role whose name is a column is used. Splits missing as files are cut from
+    ``path`` deterministically with ``seed``. String labels become ints in sorted-name order.
+    """
+    files = {"train": path, "val": val_path, "test": test_path}
+    sources = {split: read_table(p, format) for split, p in files.items() if p is not None}
+    return bundle_from_records(Path(path).stem, sources, columns, seed, val_fraction, test_fraction, task)
+
+
+def read_table(path: str | Path, format: str | None = None) -> list[Record]:
+    """Raw rows of one table file, each with its ``file:line`` location."""
+    path = require_file(Path(path))
+    fmt = format or FORMATS.get(path.suffix.lower())
+    if fmt not in FORMATS.values():
+        raise DataError(
+            f"{path}: cannot tell the format from the suffix; pass format= one of csv, tsv, jsonl"
+        )
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return _read_jsonl(f, path) if fmt == "jsonl" else _read_delimited(f, path, fmt)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 ({err})") from None
+
+
+def _read_delimited(f, path: Path, fmt: str) -> list[Record]:
+    reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+    try:
+        rows = [(f"{path}:{reader.line_num}", row) for row in reader]
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: {err}") from None
+    if reader.fieldnames is None:
+        raise DataError(f"{path}: empty file (expected a header line)")
+    return rows
+
+
+def _read_jsonl(f, path: Path) -> list[Record]:
+    rows = []
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"{path}:{lineno}", row))
+    return rows
+
+
+def bundle_from_records(
+    name: str,
+    sources: dict[str, list[Record]],
+    columns: Mapping[str, str] | None,
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    task: str | None = None,
+) -> DataBundle:
+    """Turn raw records of a train (and maybe val/test) source into a text DataBundle."""
+    train_records = sources["train"]
+    if not train_records:
+        raise DataError(f"{name}: the training data has no rows")
+    roles = _resolve_columns(columns, train_records[0])
+    raw = {split: [_extract(rec, roles) for rec in recs] for split, recs in sources.items()}
+    label_names = None
+    if "label" in roles:
+        label_names = label_map(r["label"] for rows in raw.values() for r in rows)
+        index = {n: i for i, n in enumerate(label_names)}
+        for rows in raw.values():
+            for r in rows:
+                r["label"] = index[r["label"]]
+    splits = _split(raw, seed, val_fraction, test_fraction)
+    info = {"columns": dict(roles), "seed": seed}
+    return text_bundle(name, _task(task, roles), splits, label_names, info)
+
+
+def _resolve_columns(columns: Mapping[str, str] | None, first: Record) -> dict[str, str]:
+    loc, row = first
+    if columns is None:
+        columns = {role: role for role in ROLES if role in row}
+    unknown = [k for k in columns if k not in ROLES]
+    if unknown:
+        raise DataError(f"columns.{unknown[0]}: unknown role (expected {', '.join(ROLES)})")
+    found = ", ".join(map(str, row))
+    if "text" not in columns:
+        raise DataError(
+            f"{loc.rsplit(':', 1)[0]}: no 'text' column (found: {found}); pass columns={{'text': ...}}"
+        )
+    if ("label" in columns) == ("score" in columns):
+        raise DataError(
+            f"{loc.rsplit(':', 1)[0]}: need exactly one of a 'label' or a 'score' column (found: {found})"
+        )
+    return dict(columns)
+
+
+def _extract(record: Record, roles: dict[str, str]) -> dict:
+    loc, row = record
+    out = {"text_pair": None}
+    for role, col in roles.items():
+        value = row.get(col)
+        if value is None:
+            what = "missing column" if col not in row else "empty value in column"
+            raise DataError(f"{loc}: {what} {col!r} (columns.{role}); found: {', '.join(map(str, row))}")
+        out[role] = value if role != "score" else _to_float(value, loc, col)
+    out["text"] = str(out["text"])
+    if out["text_pair"] is not None:
+        out["text_pair"] = str(out["text_pair"])
+    if "label" in out:
+        out["label"] = str(out["label"])
+    return out
+
+
+def _to_float(value, loc: str, col: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{loc}: column {col!r} is not a number: {value!r}") from None
+
+
+def _split(raw: dict[str, list[dict]], seed: int, val_fraction: float, test_fraction: float):
+    rows = raw["train"]
+    val = TextDataset(raw["val"]) if "val" in raw else None
+    test = TextDataset(raw["test"]) if "test" in raw else None
+    if val is None and test is None:
+        return text_splits(rows, three_way(len(rows), val_fraction, test_fraction, seed))
+    if test is None:
+        train, test = text_splits(rows, two_way(len(rows), test_fraction, seed))
+    elif val is None:
+        train, val = text_splits(rows, two_way(len(rows), val_fraction, seed))
+    else:
+        train = TextDataset(rows)
+    if test is None:
+        raise DataError("test_fraction must be > 0 when no test file is given")
+    return train, val, test
+
+
+def _task(task: str | None, roles: dict[str, str]) -> str:
+    auto = "classification" if "label" in roles else ("similarity" if "text_pair" in roles else "regression")
+    if task is None:
+        return auto
+    allowed = ["classification"] if "label" in roles else ["regression", "similarity"]
+    if task not in allowed:
+        raise DataError(
+            f"task {task!r} does not fit the columns {dict(roles)}; use one of {', '.join(allowed)}"
+        )
+    return task
+
+
+def load_npz(
+    path: str | Path,
+    x_key: str = "x",
+    y_key: str = "y",
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+) -> DataBundle:
+    """Arrays ``x`` (N, ...) and ``y`` (N,) from a ``.npz``: classification if ``y`` is integer, else regression."""
+    path = require_file(Path(path))
+    x, y = _read_npz(path, x_key, y_key)
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        if y.ndim != 1 or (y.size and y.min() < 0):
+            raise DataError(f"{path}: integer labels {y_key!r} must be 1-D and >= 0")
+        task, num_classes, yt = "classification", int(y.max()) + 1, torch.from_numpy(y.astype(np.int64))
+    else:
+        task, num_classes, yt = "regression", None, torch.from_numpy(y.astype(np.float32))
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    parts = three_way(len(yt), val_fraction, test_fraction, seed)
+    return tensor_bundle(path.stem, task, xt, yt, parts, num_classes, info={"file": str(path), "seed": seed})
+
+
+def _read_npz(path: Path, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in (x_key, y_key):
+                if key not in data.files:
+                    raise DataError(f"{path}: no array {key!r} (found: {', '.join(data.files)})")
+            x, y = data[x_key], data[y_key]
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or x.ndim < 1:
+        raise DataError(
+            f"{path}: array {x_key!r} must be numeric with a sample axis, got {x.dtype} {x.shape}"
+        )
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} samples in {x_key!r} but {len(y)} in {y_key!r}")
+    return x, y
+
+
+def load_image_folder(
+    root: str | Path,
+    size: int | tuple[int, int] | None = None,
+    grayscale: bool = False,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+) -> DataBundle:
+    """Images ``root/<class>/*.png|jpg`` as float32 ``(N, C, H, W)`` in [0, 1]; classes in sorted order.
+
+    ``size`` (an int or ``(height, width)``) resizes every image; without it all must share one size.
+    """
+    root = require_dir(Path(root), "image folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [
+        (p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir()) if _is_image(p)
+    ]
+    if not files:
+        raise DataError(f"{root}: no images found (expected {root}/<class>/*.png or *.jpg)")
+    hw = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
+    images = [_read_image(p, hw, grayscale) for p, _ in files]
+    for (p, _), img in zip(files, images):
+        if img.shape != images[0].shape:
+            raise DataError(
+                f"{p}: size {img.shape[1:]} differs from {files[0][0]} {images[0].shape[1:]}; pass size="
+            )
+    x = torch.from_numpy(np.stack(images))
+    y = torch.tensor([c for _, c in files], dtype=torch.int64)
+    parts = three_way(len(y), val_fraction, test_fraction, seed)
+    info = {"folder": str(root), "seed": seed}
+    return tensor_bundle(root.name, "classification", x, y, parts, len(classes), classes, info)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _read_image(path: Path, hw: tuple[int, int] | None, grayscale: bool) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError  # Pillow comes with matplotlib
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if grayscale else "RGB")
+            if hw is not None:
+                img = img.resize((hw[1], hw[0]), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"{path}: cannot read image ({err})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
+
+
+def load_hf_dataset(
+    path: str | Path,
+    columns: Mapping[str, str] | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    task: str | None = None,
+) -> DataBundle:
+    """A text DataBundle from a dataset saved with ``datasets``' ``save_to_disk``.
+
+    A DatasetDict's ``train``/``validation``/``test`` splits are used as given; missing ones
+    are cut from ``train``. ``columns`` works as in :func:`load_table`.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("load_hf_dataset needs the `datasets` library: pip install datasets") from None
+    path = require_dir(Path(path), "saved dataset folder")
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise DataError(f"{path}: not a dataset saved with save_to_disk ({err})") from None
+    parts = {"train": saved} if not hasattr(saved, "keys") else dict(saved.items())
+    sources = {}
+    for split, part in parts.items():
+        if split in HF_SPLITS:
+            sources[HF_SPLITS[split]] = [
+                (f"{path} [{split}] row {i + 1}", dict(ex)) for i, ex in enumerate(part)
+            ]
+    if "train" not in sources:
+        raise DataError(f"{path}: no 'train' split (found: {', '.join(map(str, parts))})")
+    return bundle_from_records(path.name, sources, columns, seed, val_fraction, test_fraction, task)

@@ -1,0 +1,142 @@
+"""``DataConfig`` (the ``data:`` section of a recipe) and ``load_data`` that dispatches on its name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimkit.config import from_dict, in_range, one_of, positive_int, require
+from slimkit.data.base import DataBundle
+from slimkit.data.digits import load_digits
+from slimkit.data.files import FORMATS, ROLES, load_hf_dataset, load_image_folder, load_npz, load_table
+from slimkit.data.mnist import load_mnist
+from slimkit.data.text import SENTIMENT_FILES, TREC_LABELS, load_sentiment, load_sst2, load_stsb, load_trec
+from slimkit.errors import DataError
+
+SPLIT = {"val_fraction", "test_fraction"}
+# Which optional fields each data set reads; setting another one is a recipe mistake.
+OPTIONS: dict[str, set[str]] = {
+    "digits": SPLIT,
+    "mnist": {"n_train", "val_fraction"},
+    "stsb": {"val_fraction"},
+    "sst2": SPLIT,
+    "sentiment": SPLIT | {"domain"},
+    "trec": {"label", "val_fraction"},
+    "table": SPLIT | {"columns", "format", "test_path", "val_path", "task"},
+    "npz": SPLIT | {"x_key", "y_key"},
+    "image_folder": SPLIT | {"size", "grayscale"},
+    "hf_dataset": SPLIT | {"columns", "task"},
+}
+LOADERS: dict[str, Callable[..., DataBundle]] = {
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "stsb": load_stsb,
+    "sst2": load_sst2,
+    "sentiment": load_sentiment,
+    "trec": load_trec,
+    "table": load_table,
+    "npz": load_npz,
+    "image_folder": load_image_folder,
+    "hf_dataset": load_hf_dataset,
+}
+FILE_PATHS = {"table", "npz"}  # the others take a folder
+TASKS = ("classification", "regression", "similarity")
+
+
+@dataclass
+class DataConfig:
+    """Which data set to load and how to split it; unset options keep the loader's defaults."""
+
+    name: str
+    path: str | None = None
+    seed: int = 0
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    n_train: int | None = None
+    domain: str | None = None
+    label: str | None = None
+    columns: dict[str, str] | None = None
+    format: str | None = None
+    test_path: str | None = None
+    val_path: str | None = None
+    task: str | None = None
+    x_key: str | None = None
+    y_key: str | None = None
+    size: int | list[int] | None = None
+    grayscale: bool | None = None
+
+    def __post_init__(self):
+        one_of(self.name, "name", LOADERS)
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an integer")
+        if self.name == "digits":
+            require(self.path is None, "path", "digits is built in and takes no path")
+        else:
+            require(isinstance(self.path, str) and self.path != "", "path", f"is required for {self.name}")
+        for field in sorted(_OPTION_FIELDS - OPTIONS[self.name]):
+            require(getattr(self, field) is None, field, f"is not used by {self.name}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        for field in ("val_fraction", "test_fraction"):
+            if getattr(self, field) is not None:
+                in_range(getattr(self, field), field, 0.0, 1.0, hi_open=True)
+        total = (self.val_fraction or 0) + (self.test_fraction or 0)
+        require(total < 1, "test_fraction", f"val_fraction + test_fraction must be < 1, got {total}")
+        _optional(positive_int, self.n_train, "n_train")
+        _optional(one_of, self.domain, "domain", SENTIMENT_FILES)
+        _optional(one_of, self.label, "label", TREC_LABELS)
+        _optional(one_of, self.format, "format", sorted(set(FORMATS.values())))
+        _optional(one_of, self.task, "task", TASKS)
+        for role in self.columns or {}:
+            one_of(role, f"columns.{role}", ROLES)
+        if self.size is not None:
+            sizes = [self.size] if isinstance(self.size, int) else list(self.size)
+            require(len(sizes) in (1, 2), "size", "must be an integer or [height, width]")
+            for i, s in enumerate(sizes):
+                positive_int(s, f"size[{i}]" if isinstance(self.size, list) else "size")
+
+
+_OPTION_FIELDS = set().union(*OPTIONS.values())
+
+
+def _optional(check: Callable, value: Any, field: str, *args) -> None:
+    if value is not None:
+        check(value, field, *args)
+
+
+def load_data(
+    config: DataConfig | dict, base_dir: str | Path | None = None, prefix: str = "data"
+) -> DataBundle:
+    """Load the data set ``config`` names.
+
+    Relative paths are taken from ``base_dir`` (e.g. the recipe's folder) when given. Paths are
+    checked before any loading and a missing one is reported with its field, such as
+    ``data.path: file not found: train.csv``.
+    """
+    if not isinstance(config, DataConfig):
+        config = from_dict(DataConfig, config, prefix)
+    kwargs: dict[str, Any] = {"seed": config.seed}
+    for field in sorted(OPTIONS[config.name]):
+        value = getattr(config, field)
+        if value is not None:
+            kwargs[field] = tuple(value) if field == "size" and isinstance(value, list) else value
+    for field in ("test_path", "val_path"):
+        if field in kwargs:
+            kwargs[field] = _checked_path(kwargs[field], base_dir, f"{prefix}.{field}", is_file=True)
+    args = []
+    if config.path is not None:
+        args.append(_checked_path(config.path, base_dir, f"{prefix}.path", config.name in FILE_PATHS))
+    return LOADERS[config.name](*args, **kwargs)
+
+
+def _checked_path(path: str, base_dir: str | Path | None, field: str, is_file: bool) -> Path:
+    full = Path(path).expanduser()
+    if base_dir is not None and not full.is_absolute():
+        full = Path(base_dir) / full
+    if is_file and not full.is_file():
+        raise DataError(f"{field}: file not found: {full}")
+    if not is_file and not full.is_dir():
+        raise DataError(f"{field}: folder not found: {full}")
+    return full
