@@ -40,14 +40,19 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 def classification_loss(outputs: Any, batch: Any) -> torch.Tensor:
     logits = outputs.logits if hasattr(outputs, "logits") else outputs
-    target = batch["labels"] if isinstance(batch, dict) else batch[1]
-    return nn.functional.cross_entropy(logits, target)
+    return nn.functional.cross_entropy(logits, targets(batch))
 
 
 def regression_loss(outputs: Any, batch: Any) -> torch.Tensor:
     pred = outputs.logits if hasattr(outputs, "logits") else outputs
-    target = batch["scores"] if isinstance(batch, dict) else batch[1]
+    target = targets(batch)
     return nn.functional.mse_loss(pred.reshape(target.shape), target.float())
+
+
+def targets(batch: Any) -> torch.Tensor:
+    if isinstance(batch, dict):
+        return batch["labels"] if "labels" in batch else batch["scores"]
+    return batch[1]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -175,7 +180,9 @@ class Trainer:
         from slimkit.metrics.task import evaluate
 
         loader = DataLoader(val_data, batch_size=max(self.config.batch_size, 256), collate_fn=self.collate_fn)
-        return lambda model: evaluate(model, loader, self.task, forward=self.forward, loss_fn=self.loss_fn)
+        return lambda model: evaluate(
+            model, loader, self.task, forward=lambda m, b: (self.forward(m, b), targets(b))
+        )
 
     # -- the loop ---------------------------------------------------------
     def _run_epoch(self, train_data: Dataset, evaluate: Callable | None) -> None:

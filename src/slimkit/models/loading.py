@@ -1,0 +1,102 @@
+"""Load the model a recipe names: built-in, Hugging Face folder, or the user's own factory."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from slimkit.config import one_of, require
+from slimkit.errors import ModelError
+from slimkit.models.builtin import BUILTIN_MODELS
+from slimkit.utils.io import load_weights
+
+
+@dataclass
+class ModelConfig:
+    """Exactly one of ``builtin``, ``hf`` or ``factory`` names the model.
+
+    ``factory`` is ``package.module:function`` returning an ``nn.Module``;
+    ``weights`` is a safetensors file loaded into it (never a pickle).
+    """
+
+    builtin: str | None = None
+    hf: str | None = None  # a model folder, or "minilm" for the bundled all-MiniLM-L6-v2
+    hf_task: Literal["embedding", "classification", "regression"] = "embedding"
+    num_labels: int | None = None
+    factory: str | None = None
+    weights: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        given = [k for k in ("builtin", "hf", "factory") if getattr(self, k)]
+        require(bool(given), "builtin", "name the model with exactly one of builtin, hf or factory")
+        require(len(given) == 1, given[-1], f"conflicts with {given[0]}: name only one model")
+        if self.builtin:
+            one_of(self.builtin, "builtin", BUILTIN_MODELS)
+        if self.factory:
+            require(":" in self.factory, "factory", "must look like package.module:function")
+        if self.weights:
+            require(Path(self.weights).is_file(), "weights", f"file not found: {self.weights}")
+            require(self.weights.endswith(".safetensors"), "weights", "must be a .safetensors file")
+        if self.hf:
+            from slimkit.models.hf import resolve_hf_path
+
+            try:
+                resolve_hf_path(self.hf)
+            except ModelError as err:
+                require(False, "hf", str(err))
+
+
+def resolve_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelError(f"factory: cannot import {module_name!r} ({err})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ModelError(f"factory: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def load_model(cfg: ModelConfig, num_classes: int | None = None, input_shape: tuple | None = None):
+    """Return ``(model, tokenizer_or_None)``; model in eval mode."""
+    tokenizer = None
+    if cfg.builtin:
+        cls = BUILTIN_MODELS[cfg.builtin]
+        model = cls(**_builtin_kwargs(cls, cfg.kwargs, num_classes, input_shape))
+    elif cfg.hf:
+        from slimkit.models.hf import load_hf
+
+        model, tokenizer = load_hf(cfg.hf, cfg.hf_task, cfg.num_labels or num_classes)
+    else:
+        model = resolve_factory(cfg.factory)(**cfg.kwargs)
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"factory: {cfg.factory} returned {type(model).__name__}, not an nn.Module")
+    if cfg.weights:
+        load_weights(model, cfg.weights)
+    return model.eval(), tokenizer
+
+
+def _builtin_kwargs(cls, given: dict, num_classes: int | None, input_shape: tuple | None) -> dict:
+    """Fill the data-dependent sizes the user did not set (classes, input channels)."""
+    params = inspect.signature(cls).parameters
+    unknown = [k for k in given if k not in params]
+    if unknown:
+        raise ModelError(f"model.kwargs.{unknown[0]}: {cls.__name__} takes {', '.join(params)}")
+    kwargs = dict(given)
+    if num_classes and "num_classes" in params:
+        kwargs.setdefault("num_classes", num_classes)
+    if input_shape and "in_channels" in params:
+        kwargs.setdefault("in_channels", input_shape[0])
+    if input_shape and "in_features" in params:
+        size = 1
+        for d in input_shape:
+            size *= d
+        kwargs.setdefault("in_features", size)
+    return kwargs

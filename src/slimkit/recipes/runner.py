@@ -1,0 +1,188 @@
+"""Run a validated recipe: load, run each step, measure each step, write one run folder.
+
+The run folder is built under a temporary name and renamed into place only
+when everything succeeded, so a crashed or interrupted run never leaves a
+folder that looks complete. Latency is measured at the end for all steps
+together, interleaved, so the speedups in the report are fair ratios on a
+noisy machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from slimkit.data.registry import load_data
+from slimkit.metrics.model import count_macs, count_nonzero, count_parameters
+from slimkit.metrics.speed import compare_latency
+from slimkit.models.loading import load_model
+from slimkit.recipes.context import RunContext
+from slimkit.recipes.registry import step_type
+from slimkit.recipes.schema import Recipe
+from slimkit.report import Report
+from slimkit.tasks import TaskAdapter, build_task
+from slimkit.utils.io import atomic_path
+
+
+@dataclass
+class Snapshot:
+    """One measured step: its figures, and a frozen copy of the model for the latency round."""
+
+    step: str
+    figures: dict[str, Any]
+    model: torch.nn.Module | None
+
+
+def run_recipe(recipe: Recipe, progress: bool = True) -> Path:
+    out = Path(recipe.output)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        log = _logger(tmp / "run.log", progress)
+        try:
+            _run(recipe, tmp, log, progress)
+        finally:
+            for handler in list(log.handlers):
+                handler.close()
+                log.removeHandler(handler)
+    return out
+
+
+def _run(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool) -> None:
+    started = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    data = load_data(recipe.data, prefix="data")
+    log.info(
+        "data %s: %s",
+        data.name,
+        {
+            k: len(v)
+            for k, v in (("train", data.train), ("val", data.val), ("test", data.test))
+            if v is not None
+        },
+    )
+    model, tokenizer = load_model(recipe.model, num_classes=data.num_classes, input_shape=data.input_shape)
+    task = build_task(data, tokenizer, max_length=recipe.measure.max_length)
+    ctx = RunContext(
+        model=model,
+        data=data,
+        task=task,
+        run_dir=run_dir,
+        log=log,
+        tokenizer=tokenizer,
+        progress=progress,
+        seed=recipe.seed,
+    )
+    example = task.example_batch(data.test, recipe.measure.batch_size)
+    snapshots = []
+    for i, step in enumerate(recipe.steps):
+        log.info("step %d/%d: %s (%s)", i + 1, len(recipe.steps), step.name, step.type)
+        t0 = time.perf_counter()
+        ctx.notes = {}
+        step_type(step.type, f"steps[{i}].type").run(ctx, step.config)
+        snapshot = _measure(ctx, step.name, example, recipe)
+        snapshot.figures["step_time_s"] = round(time.perf_counter() - t0, 2)
+        snapshots.append(snapshot)
+        log.info("  %s", {k: v for k, v in snapshot.figures.items() if k != "extra"})
+    _time_all(snapshots, example, task, recipe, log)
+    report = _report(snapshots, task)
+    report.save(run_dir)
+    ctx.saver(ctx.model, run_dir / ctx.weights_name)
+    resolved = dict(recipe.to_dict(), output=str(Path(recipe.output)))
+    (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    log.info("done in %.1f s: %s", time.perf_counter() - started, recipe.output)
+
+
+def _measure(ctx: RunContext, step: str, example: Any, recipe: Recipe) -> Snapshot:
+    model = ctx.model
+    metrics = ctx.task.evaluate(model, ctx.data.test)
+    size = _saved_size(ctx)
+    figures = {
+        "metrics": metrics,
+        "size_bytes": size,
+        "params": count_parameters(model),
+        "nonzero": count_nonzero(model),
+        "macs": _macs(model, example, ctx),
+        "extra": dict(ctx.notes),
+    }
+    frozen = copy.deepcopy(model).eval() if recipe.measure.latency else None
+    return Snapshot(step, figures, frozen)
+
+
+def _saved_size(ctx: RunContext) -> int:
+    path = ctx.run_dir / ".size-probe" / ctx.weights_name
+    path.parent.mkdir(exist_ok=True)
+    try:
+        return ctx.saver(ctx.model, path)
+    finally:
+        path.unlink(missing_ok=True)
+        path.parent.rmdir()
+
+
+def _macs(model: torch.nn.Module, example: Any, ctx: RunContext) -> int | None:
+    try:
+        return count_macs(model, example)
+    except Exception as err:  # a model whose ops the counter cannot see still gets a row
+        ctx.log.warning("MACs not counted: %s", err)
+        return None
+
+
+def _time_all(
+    snapshots: list[Snapshot], example: Any, task: TaskAdapter, recipe: Recipe, log: logging.Logger
+) -> None:
+    timed = {s.step: s for s in snapshots if s.model is not None}
+    if not timed:
+        return
+    m = recipe.measure
+    fns = {name: (lambda mod=s.model: task.call(mod, example)) for name, s in timed.items()}
+    comparison = compare_latency(
+        fns, warmup=m.warmup, repeats=m.repeats, threads=m.threads, batch_size=m.batch_size
+    )
+    for name, s in timed.items():
+        s.figures["latency_ms"] = comparison[name].median_ms
+        s.figures["p95_ms"] = comparison[name].p95_ms
+        s.model = None
+    log.info(
+        "latency (median ms, %d threads, batch %d): %s",
+        m.threads,
+        m.batch_size,
+        {n: round(s.figures["latency_ms"], 3) for n, s in timed.items()},
+    )
+
+
+def _report(snapshots: list[Snapshot], task: TaskAdapter) -> Report:
+    report = Report(task_metric=task.metric, higher_is_better=task.higher_is_better)
+    for s in snapshots:
+        f = s.figures
+        report.add_row(
+            s.step,
+            f["metrics"],
+            size_bytes=f["size_bytes"],
+            params=f["params"],
+            nonzero=f["nonzero"],
+            macs=f["macs"],
+            latency_ms=f.get("latency_ms"),
+            p95_ms=f.get("p95_ms"),
+            extra={**f["extra"], "step_time_s": f["step_time_s"]},
+        )
+    return report
+
+
+def _logger(path: Path, progress: bool) -> logging.Logger:
+    log = logging.getLogger(f"slimkit.run.{id(path)}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if progress:
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(console)
+    return log

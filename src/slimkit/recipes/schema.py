@@ -1,0 +1,175 @@
+"""The recipe: model, data, ordered steps, measurement settings and output folder.
+
+``load_recipe`` validates the whole file before any work starts, so a typo in
+the last step is reported in a second, not after an hour of training. Errors
+carry the field's path in the recipe: ``steps[2].epochs: must be a positive
+integer``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimkit.config import from_dict, positive_int, require, to_dict
+from slimkit.data.registry import DataConfig
+from slimkit.errors import ConfigError, DataError
+from slimkit.models.loading import ModelConfig
+from slimkit.recipes.registry import step_type
+
+
+@dataclass
+class MeasureConfig:
+    """How every step is measured for the report."""
+
+    batch_size: int = 64  # latency and MACs are measured on one batch of this size
+    threads: int = 2
+    warmup: int = 3
+    repeats: int = 20
+    latency: bool = True
+    max_length: int = 128  # text: tokens per sequence
+
+    def __post_init__(self):
+        for name in ("batch_size", "threads", "repeats", "max_length"):
+            positive_int(getattr(self, name), name)
+        require(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "must be an integer >= 0")
+
+
+@dataclass
+class Step:
+    type: str
+    name: str
+    config: Any
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    steps: list[Step]
+    output: str
+    name: str = "run"
+    seed: int = 0
+    overwrite: bool = False
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    def to_dict(self) -> dict:
+        out = to_dict(self)
+        out["steps"] = [{"type": s.type, "name": s.name, **to_dict(s.config)} for s in self.steps]
+        return out
+
+
+_TOP = ("name", "seed", "model", "data", "steps", "measure", "output", "overwrite")
+
+
+def parse_recipe(raw: Any) -> Recipe:
+    """Validate plain recipe data. Relative paths are taken from the current folder, as in any CLI."""
+    require(isinstance(raw, dict), "", "a recipe must be a YAML mapping")
+    unknown = [k for k in raw if k not in _TOP]
+    require(
+        not unknown, str(unknown[0]) if unknown else "", f"unknown key (expected one of: {', '.join(_TOP)})"
+    )
+    for key in ("model", "data", "steps", "output"):
+        require(key in raw, key, "is required")
+    model = from_dict(ModelConfig, raw["model"], "model")
+    data = from_dict(DataConfig, raw["data"], "data")
+    _check_data_paths(data)
+    steps = _parse_steps(raw["steps"])
+    output = raw["output"]
+    require(isinstance(output, str) and output.strip() != "", "output", "must be a folder path")
+    recipe = Recipe(
+        model=model,
+        data=data,
+        steps=steps,
+        output=output,
+        **{k: raw[k] for k in ("name", "seed", "overwrite") if k in raw},
+    )
+    require(isinstance(recipe.seed, int) and not isinstance(recipe.seed, bool), "seed", "must be an integer")
+    require(isinstance(recipe.overwrite, bool), "overwrite", "must be true or false")
+    require(isinstance(recipe.name, str), "name", "must be a string")
+    recipe.measure = from_dict(MeasureConfig, raw.get("measure", {}), "measure")
+    _check_output(recipe)
+    return recipe
+
+
+def _parse_steps(raw: Any) -> list[Step]:
+    require(isinstance(raw, list) and len(raw) > 0, "steps", "must be a non-empty list of steps")
+    steps, names = [], set()
+    for i, entry in enumerate(raw):
+        path = f"steps[{i}]"
+        require(isinstance(entry, dict), path, "must be a mapping with a 'type'")
+        require("type" in entry, f"{path}.type", "is required")
+        body = {k: v for k, v in entry.items() if k not in ("type", "name")}
+        kind = step_type(entry["type"], f"{path}.type")
+        name = entry.get("name", entry["type"])
+        require(isinstance(name, str) and name.strip() != "", f"{path}.name", "must be a non-empty string")
+        require(name not in names, f"{path}.name", f"{name!r} is used by an earlier step; give each a name")
+        names.add(name)
+        steps.append(Step(entry["type"], name, from_dict(kind.config, body, path)))
+    return steps
+
+
+def _check_data_paths(data: DataConfig) -> None:
+    from slimkit.data.registry import FILE_PATHS, _checked_path
+
+    try:
+        if data.path is not None:
+            data.path = str(_checked_path(data.path, None, "data.path", data.name in FILE_PATHS))
+        for key in ("test_path", "val_path"):
+            if getattr(data, key):
+                setattr(data, key, str(_checked_path(getattr(data, key), None, f"data.{key}", True)))
+    except DataError as err:
+        field_path, _, message = str(err).partition(": ")
+        raise ConfigError(field_path, message) from None
+
+
+def _check_output(recipe: Recipe) -> None:
+    out = Path(recipe.output)
+    if out.exists() and not recipe.overwrite:
+        raise ConfigError("output", f"{out} exists; set overwrite: true or choose another folder")
+    require(not out.exists() or out.is_dir(), "output", f"{out} exists and is not a folder")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``steps.0.epochs=3`` / ``steps[0].epochs=3`` / ``output=runs/x``; values are parsed as YAML."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        require(bool(sep) and bool(key), item, "an override must look like key=value")
+        parts = key.replace("[", ".").replace("]", "").split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: depth + 1]))
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, key)] = yaml.safe_load(value)
+        else:
+            node[last] = yaml.safe_load(value)
+    return raw
+
+
+def _child(node: Any, part: str, path: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    require(isinstance(node, dict) and part in node, path, "no such field to override")
+    return node[part]
+
+
+def _index(node: list, part: str, path: str) -> int:
+    require(part.isdigit() and int(part) < len(node), path, f"no such list entry (the list has {len(node)})")
+    return int(part)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("recipe", f"file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError("recipe", f"{path} is not valid YAML ({err})") from None
+    return parse_recipe(apply_overrides(raw or {}, overrides or []))
