@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from slimkit.data.base import DataBundle
+from slimkit.metrics.modes import eval_mode
 from slimkit.metrics.task import evaluate as evaluate_metrics
 from slimkit.metrics.task import pearson, spearman
-from slimkit.metrics.modes import eval_mode
 from slimkit.train.trainer import classification_loss, default_forward, regression_loss, targets
 
 PRIMARY = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from slimkit.recipes.registry import StepType
 from slimkit.train import TrainConfig
 
