@@ -266,6 +266,9 @@ def test_table_errors_name_file_line_and_column(tmp_path):
     )
     with pytest.raises(DataError, match="too few"):
         load_table(tmp_path / "data.txt", format="csv", test_fraction=0.5, val_fraction=0.4)
+    (tmp_path / "e.tsv").write_text("text\tlabel\na\t1\nb\t \n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"e\.tsv:3: empty label in column 'label'"):
+        load_table(tmp_path / "e.tsv")
     (tmp_path / "s.csv").write_text("text,score\na,high\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"s\.csv:2: column 'score' is not a number: 'high'"):
         load_table(tmp_path / "s.csv")
@@ -386,6 +389,12 @@ def test_load_data_dispatches_and_checks_paths(tmp_path):
     assert (len(t.train), len(t.test)) == (7, 3) and t.val is None
     with pytest.raises(DataError, match=r"^data\.path: folder not found"):
         load_data({"name": "mnist", "path": str(tmp_path / "none")})
+    with pytest.raises(DataError, match=r"^data\.path: file not found: .*t10k-images-idx3-ubyte\.gz"):
+        load_data({"name": "mnist", "path": str(tmp_path)})
+    (tmp_path / "trec").mkdir()
+    (tmp_path / "trec" / "train_5500.label").write_text("HUM:ind Who ?\n")
+    with pytest.raises(DataError, match=r"^data\.path: file not found: .*trec/TREC_10\.label"):
+        load_data({"name": "trec", "path": str(tmp_path)})
 
 
 @needs_data

@@ -129,15 +129,11 @@ def _resolve_columns(columns: Mapping[str, str] | None, first: Record) -> dict[s
     unknown = [k for k in columns if k not in ROLES]
     if unknown:
         raise DataError(f"columns.{unknown[0]}: unknown role (expected {', '.join(ROLES)})")
-    found = ", ".join(map(str, row))
+    where, found = loc.rsplit(":", 1)[0], ", ".join(map(str, row))  # the file, without its line number
     if "text" not in columns:
-        raise DataError(
-            f"{loc.rsplit(':', 1)[0]}: no 'text' column (found: {found}); pass columns={{'text': ...}}"
-        )
+        raise DataError(f"{where}: no 'text' column (found: {found}); pass columns={{'text': ...}}")
     if ("label" in columns) == ("score" in columns):
-        raise DataError(
-            f"{loc.rsplit(':', 1)[0]}: need exactly one of a 'label' or a 'score' column (found: {found})"
-        )
+        raise DataError(f"{where}: need exactly one of a 'label' or a 'score' column (found: {found})")
     return dict(columns)
 
 
@@ -154,7 +150,9 @@ def _extract(record: Record, roles: dict[str, str]) -> dict:
     if out["text_pair"] is not None:
         out["text_pair"] = str(out["text_pair"])
     if "label" in out:
-        out["label"] = str(out["label"])
+        out["label"] = str(out["label"]).strip()
+        if not out["label"]:
+            raise DataError(f"{loc}: empty label in column {roles['label']!r}")
     return out
 
 
@@ -307,7 +305,7 @@ def load_hf_dataset(
         saved = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as err:
         raise DataError(f"{path}: not a dataset saved with save_to_disk ({err})") from None
-    parts = {"train": saved} if not hasattr(saved, "keys") else dict(saved.items())
+    parts = dict(saved.items()) if isinstance(saved, Mapping) else {"train": saved}
     sources = {}
     for split, part in parts.items():
         if split in HF_SPLITS:

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from slimkit.config import from_dict, in_range, one_of, positive_int, require
+from slimkit.data._common import resolve_dir
 from slimkit.data.base import DataBundle
 from slimkit.data.digits import load_digits
 from slimkit.data.files import FORMATS, ROLES, load_hf_dataset, load_image_folder, load_npz, load_table
-from slimkit.data.mnist import load_mnist
+from slimkit.data.mnist import IMAGES, LABELS, load_mnist
 from slimkit.data.text import SENTIMENT_FILES, TREC_LABELS, load_sentiment, load_sst2, load_stsb, load_trec
 from slimkit.errors import DataError
 
@@ -42,6 +43,14 @@ LOADERS: dict[str, Callable[..., DataBundle]] = {
     "hf_dataset": load_hf_dataset,
 }
 FILE_PATHS = {"table", "npz"}  # the others take a folder
+# The files each public set needs, as (usual subfolder, names): checked up front to name the field.
+DATA_FILES: dict[str, Callable[[Any], tuple[str, list[str]]]] = {
+    "mnist": lambda c: ("mnist", [IMAGES, LABELS]),
+    "stsb": lambda c: ("stsb", ["sts-train.csv", "sts-dev.csv"]),
+    "sst2": lambda c: ("sst2", ["dev.tsv"]),
+    "sentiment": lambda c: ("sentiment_labelled_sentences", [SENTIMENT_FILES[c.domain or "yelp"]]),
+    "trec": lambda c: ("trec", ["train_5500.label", "TREC_10.label"]),
+}
 TASKS = ("classification", "regression", "similarity")
 
 
@@ -89,8 +98,9 @@ class DataConfig:
         _optional(one_of, self.label, "label", TREC_LABELS)
         _optional(one_of, self.format, "format", sorted(set(FORMATS.values())))
         _optional(one_of, self.task, "task", TASKS)
-        for role in self.columns or {}:
+        for role, column in (self.columns or {}).items():
             one_of(role, f"columns.{role}", ROLES)
+            require(isinstance(column, str) and column != "", f"columns.{role}", "must be a column name")
         if self.size is not None:
             sizes = [self.size] if isinstance(self.size, int) else list(self.size)
             require(len(sizes) in (1, 2), "size", "must be an integer or [height, width]")
@@ -124,14 +134,21 @@ def load_data(
             kwargs[field] = tuple(value) if field == "size" and isinstance(value, list) else value
     for field in ("test_path", "val_path"):
         if field in kwargs:
-            kwargs[field] = _checked_path(kwargs[field], base_dir, f"{prefix}.{field}", is_file=True)
-    args = []
-    if config.path is not None:
-        args.append(_checked_path(config.path, base_dir, f"{prefix}.path", config.name in FILE_PATHS))
-    return LOADERS[config.name](*args, **kwargs)
+            kwargs[field] = check_path(kwargs[field], base_dir, f"{prefix}.{field}", is_file=True)
+    if config.path is None:
+        return LOADERS[config.name](**kwargs)
+    path = check_path(config.path, base_dir, f"{prefix}.path", config.name in FILE_PATHS)
+    if config.name in DATA_FILES:
+        subdir, names = DATA_FILES[config.name](config)
+        try:
+            path = resolve_dir(path, subdir, names)
+        except DataError as err:
+            raise DataError(f"{prefix}.path: {err}") from None
+    return LOADERS[config.name](path, **kwargs)
 
 
-def _checked_path(path: str, base_dir: str | Path | None, field: str, is_file: bool) -> Path:
+def check_path(path: str | Path, base_dir: str | Path | None, field: str, is_file: bool) -> Path:
+    """``path`` (relative to ``base_dir`` when given) if it exists, else a DataError naming ``field``."""
     full = Path(path).expanduser()
     if base_dir is not None and not full.is_absolute():
         full = Path(base_dir) / full
@@ -140,3 +157,6 @@ def _checked_path(path: str, base_dir: str | Path | None, field: str, is_file: b
     if not is_file and not full.is_dir():
         raise DataError(f"{field}: folder not found: {full}")
     return full
+
+
+_checked_path = check_path  # the name the recipe schema imports

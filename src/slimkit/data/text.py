@@ -40,6 +40,8 @@ def read_stsb_file(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as f:
         # QUOTE_NONE: sentences contain unmatched '"' that a quoting reader would swallow.
         for lineno, cols in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+            if not cols:
+                continue  # a blank line
             if len(cols) < 7:
                 raise DataError(f"{path}:{lineno}: expected 7 tab-separated columns, got {len(cols)}")
             score = _parse_float(cols[4], path, lineno)
