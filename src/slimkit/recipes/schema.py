@@ -106,6 +106,8 @@ def _parse_steps(raw: Any) -> list[Step]:
         body = {k: v for k, v in entry.items() if k not in ("type", "name")}
         kind = step_type(entry["type"], f"{path}.type")
         name = entry.get("name", entry["type"])
+        if "name" not in entry and name in names:  # a repeated step type gets a numbered default name
+            name = f"{name}_{i}"
         require(isinstance(name, str) and name.strip() != "", f"{path}.name", "must be a non-empty string")
         require(name not in names, f"{path}.name", f"{name!r} is used by an earlier step; give each a name")
         names.add(name)
