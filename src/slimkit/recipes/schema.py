@@ -116,14 +116,14 @@ def _parse_steps(raw: Any) -> list[Step]:
 
 
 def _check_data_paths(data: DataConfig) -> None:
-    from slimkit.data.registry import FILE_PATHS, _checked_path
+    from slimkit.data.registry import FILE_PATHS, check_path
 
     try:
         if data.path is not None:
-            data.path = str(_checked_path(data.path, None, "data.path", data.name in FILE_PATHS))
+            data.path = str(check_path(data.path, None, "data.path", data.name in FILE_PATHS))
         for key in ("test_path", "val_path"):
             if getattr(data, key):
-                setattr(data, key, str(_checked_path(getattr(data, key), None, f"data.{key}", True)))
+                setattr(data, key, str(check_path(getattr(data, key), None, f"data.{key}", True)))
     except DataError as err:
         field_path, _, message = str(err).partition(": ")
         raise ConfigError(field_path, message) from None
