@@ -112,7 +112,13 @@ def test_cli_run_end_to_end_checks_report_numbers(tmp_path, capsys):
     assert train["params"] == count_parameters(DigitsCNN(width=8))
     assert train["macs"] > 0 and train["latency_ms"] > 0
     assert rows[1]["metrics"]["accuracy"] == pytest.approx(train["metrics"]["accuracy"])
-    for name in ("report.md", "run.log", "recipe.resolved.yaml", "metric_vs_size.png", "metric_vs_latency.png"):
+    for name in (
+        "report.md",
+        "run.log",
+        "recipe.resolved.yaml",
+        "metric_vs_size.png",
+        "metric_vs_latency.png",
+    ):
         assert (run / name).stat().st_size > 0, name
     resolved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
     assert resolved["steps"][0]["epochs"] == 3
