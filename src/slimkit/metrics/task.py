@@ -157,6 +157,8 @@ def evaluate(
     device = _model_device(model)
     preds: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
+    # no_grad rather than inference_mode: a buffer a model caches lazily during this
+    # pass would otherwise become an inference tensor that later training cannot use.
     with eval_mode(model), torch.no_grad():
         for batch in data_loader:
             outputs, target = forward(model, _to_device(batch, device))
