@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from slimkit.data.registry import load_data
-from slimkit.metrics.model import count_macs, count_nonzero, count_parameters
+from slimkit.metrics.model import count_macs, count_nonzero, count_parameters, peak_memory
 from slimkit.metrics.speed import compare_latency
 from slimkit.models.loading import load_model
 from slimkit.recipes.context import RunContext
@@ -103,13 +103,15 @@ def _measure(ctx: RunContext, step: str, example: Any, recipe: Recipe) -> Snapsh
     model = ctx.model
     metrics = ctx.task.evaluate(model, ctx.data.test)
     size = _saved_size(ctx)
+    with torch.inference_mode():
+        peak = peak_memory(lambda: ctx.task.call(model, example)).peak_bytes
     figures = {
         "metrics": metrics,
         "size_bytes": size,
         "params": count_parameters(model),
         "nonzero": count_nonzero(model),
         "macs": _macs(model, example, ctx),
-        "extra": dict(ctx.notes),
+        "extra": {**ctx.notes, "peak_inference_mem_bytes": peak},
     }
     frozen = copy.deepcopy(model).eval() if recipe.measure.latency else None
     return Snapshot(step, figures, frozen)
