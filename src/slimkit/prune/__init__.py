@@ -2,7 +2,20 @@
 
 from slimkit.prune.api import prune_
 from slimkit.prune.config import GradualConfig, MagnitudeConfig, StructuredConfig
-from slimkit.prune.sparse_io import load_sparse, load_sparse_file, save_sparse
+from slimkit.prune.graph import Group, build_groups
+from slimkit.prune.importance import (
+    ActivationImportance,
+    APoZImportance,
+    Importance,
+    L1Importance,
+    L2Importance,
+    OutputImportance,
+    RandomImportance,
+    TaylorImportance,
+    make_importance,
+)
+from slimkit.prune.sparse_io import load_pruned, load_sparse, load_sparse_file, save_pruned, save_sparse
+from slimkit.prune.structured import PruneSummary, analyze, prune_structured_
 from slimkit.prune.unstructured import (
     GradualPruningCallback,
     MaskCallback,
@@ -16,20 +29,36 @@ from slimkit.prune.unstructured import (
 )
 
 __all__ = [
+    "APoZImportance",
+    "ActivationImportance",
     "GradualConfig",
     "GradualPruningCallback",
+    "Group",
+    "Importance",
+    "L1Importance",
+    "L2Importance",
     "MagnitudeConfig",
     "MaskCallback",
     "Masks",
+    "OutputImportance",
+    "PruneSummary",
+    "RandomImportance",
     "StructuredConfig",
+    "TaylorImportance",
+    "analyze",
+    "build_groups",
     "finalize_",
     "iterative_sparsities",
+    "load_pruned",
     "load_sparse",
     "load_sparse_file",
     "magnitude_masks",
+    "make_importance",
     "masks_from_zeros",
     "prune_",
     "prune_iteratively_",
     "prune_magnitude_",
+    "prune_structured_",
+    "save_pruned",
     "save_sparse",
 ]

@@ -125,7 +125,7 @@ class GradualConfig:
         )
 
 
-IMPORTANCES = ("l1", "l2", "activation", "apoz", "taylor", "random")
+IMPORTANCES = ("l1", "l2", "activation", "apoz", "output", "taylor", "random")
 
 
 @dataclass
@@ -145,7 +145,7 @@ class StructuredConfig:
     ratio: float = 0.5
     head_ratio: float | None = None
     ratios: dict[str, float] = field(default_factory=dict)
-    importance: Literal["l1", "l2", "activation", "apoz", "taylor", "random"] = "l2"
+    importance: Literal["l1", "l2", "activation", "apoz", "output", "taylor", "random"] = "l2"
     global_ranking: bool = False
     min_width: int = 1
     min_heads: int = 1
@@ -180,7 +180,7 @@ class StructuredConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.importance in ("activation", "apoz", "taylor")
+        return self.importance in ("activation", "apoz", "output", "taylor")
 
 
 def check_calibration(config: StructuredConfig, calibration) -> None:

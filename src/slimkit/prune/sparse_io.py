@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from slimkit.errors import ModelError
-from slimkit.utils.io import atomic_path, state_dict_for_saving
+from slimkit.prune.graph import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
+from slimkit.utils.io import atomic_path, load_weights, load_weights_file, save_weights, state_dict_for_saving
 
 MAGIC = b"SLIMKIT-ZLIB-SAFETENSORS\n"
 
@@ -133,3 +135,67 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ModelError(f"{path} lacks weights: {', '.join(missing[:5])}")
     model.load_state_dict(state, strict=False)
     return model
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike) -> int:
+    """Save a structurally pruned model: its (smaller) weights plus the changed head counts."""
+    attrs = {
+        name: {
+            a: getattr(m, a)
+            for a in HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS
+            if isinstance(getattr(m, a, None), int)
+        }
+        for name, m in model.named_modules()
+    }
+    attrs = {n: a for n, a in attrs.items() if a}
+    return save_weights(model, path, metadata={"slimkit_structure": json.dumps(attrs)})
+
+
+def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Shrink a freshly built (unpruned) ``model`` to the shapes stored by :func:`save_pruned`, then load.
+
+    Only Linear, Conv and BatchNorm layers are resized; any other mismatch is
+    an error naming the tensor, raised before the model changes.
+    """
+    state = load_weights_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        attrs = json.loads((f.metadata() or {}).get("slimkit_structure", "{}"))
+    modules = dict(model.named_modules())
+    resize = {}
+    for key, tensor in state.items():
+        mod_name, _, pname = key.rpartition(".")
+        module = modules.get(mod_name)
+        current = getattr(module, pname, None) if module is not None else None
+        if isinstance(current, torch.Tensor) and current.shape != tensor.shape:
+            if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+                raise ModelError(
+                    f"{path}: {key} has shape {tuple(tensor.shape)}, model {tuple(current.shape)}"
+                )
+            resize[mod_name] = module
+    for name, module in resize.items():
+        _resize_like_(module, name, state)
+    for name, values in attrs.items():
+        if name in modules:
+            for attr, value in values.items():
+                setattr(modules[name], attr, value)
+    return load_weights(model, path)
+
+
+def _resize_like_(module: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    for pname, p in list(module._parameters.items()):
+        if p is not None and f"{name}.{pname}" in state:
+            module._parameters[pname] = nn.Parameter(
+                torch.empty_like(state[f"{name}.{pname}"]), p.requires_grad
+            )
+    for bname, b in list(module._buffers.items()):
+        if b is not None and f"{name}.{bname}" in state:
+            module._buffers[bname] = torch.empty_like(state[f"{name}.{bname}"])
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = w.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = w.shape[0]
+    elif module.groups > 1:
+        module.out_channels = module.in_channels = module.groups = w.shape[0]
+    else:
+        module.out_channels, module.in_channels = w.shape[0], w.shape[1]

@@ -1,0 +1,204 @@
+"""Structured pruning: dependency groups, consistent slicing, importance criteria, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from slimkit.errors import ConfigError, ModelError
+from slimkit.models.builtin import DigitsCNN, LeNet5, LeNet300100
+from slimkit.prune import StructuredConfig, analyze, load_pruned, make_importance, prune_, save_pruned
+
+
+class ResBlockNet(nn.Module):
+    """stem -> [conv-bn-relu-conv-bn] + identity -> pool -> head: stem and conv2 are coupled by the add."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return self.head(torch.relu(x + y).mean(dim=(2, 3)))
+
+
+class TinyAttention(nn.Module):
+    """A generic multi-head self-attention block (not Hugging Face) with a residual and an FFN."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.ff1, self.ff2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim**0.5, dim=-1)
+        ctx = (att @ v).transpose(1, 2).reshape(b, s, -1)
+        h = self.norm(x + self.o(ctx))
+        return h + self.ff2(torch.relu(self.ff1(h)))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lenet5_channels_and_neurons_are_halved():
+    torch.manual_seed(0)
+    model = LeNet5().eval()
+    x = torch.randn(4, 1, 28, 28)
+    summary = prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    assert [g["after"] for g in summary.groups] == [3, 8, 60, 42]
+    assert model.features[1].num_features == 3 and model.classifier[1].in_features == 8 * 25
+    assert model(x).shape == (4, 10)
+    assert summary.params_after == sum(p.numel() for p in model.parameters()) < summary.params_before / 3
+
+
+def test_residual_block_is_pruned_consistently():
+    torch.manual_seed(0)
+    model = ResBlockNet().eval()
+    groups = {g.name: g for g in analyze(model, torch.randn(2, 3, 8, 8))}
+    coupled = groups["stem"]
+    assert set(coupled.producers) == {"stem", "conv2"} and set(coupled.followers) == {"bn0", "bn2"}
+    assert set(coupled.consumers) == {"conv1", "head"} and coupled.prunable
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=torch.randn(2, 3, 8, 8))
+    assert model.stem.out_channels == model.conv2.out_channels == model.conv1.in_channels == 4
+    assert model.head.in_features == 4 and model(torch.randn(3, 3, 5, 5)).shape == (3, 4)
+
+
+def _plant_dead_units(model: TinyAttention, head: int, neurons: list[int]) -> None:
+    """Zero head ``head`` of v (its context is then 0) and make FFN neurons always-zero after ReLU."""
+    d = model.head_dim
+    with torch.no_grad():
+        model.v.weight[head * d : (head + 1) * d] = 0
+        model.v.bias[head * d : (head + 1) * d] = 0
+        model.ff1.weight[neurons] = 0
+        model.ff1.bias[neurons] = -1.0
+
+
+def test_attention_block_heads_and_ffn_pruned_with_outputs_unchanged():
+    torch.manual_seed(0)
+    model = TinyAttention().eval()
+    _plant_dead_units(model, head=2, neurons=list(range(0, 128, 2)))
+    x = torch.randn(3, 7, 32)
+    before = model(x)
+    groups = {g.kind: g for g in analyze(model, x) if g.prunable}
+    assert set(groups["head"].producers) == {"q", "k", "v"} and set(groups["head"].consumers) == {"o"}
+    assert set(groups["channel"].producers) == {"ff1"}  # q/k/v/o/ff2 outputs meet the residual
+    calib = [torch.randn(4, 7, 32) for _ in range(2)]
+    cfg = StructuredConfig(ratio=0.5, head_ratio=0.25, importance="activation")
+    prune_(model, cfg, calibration=calib)
+    assert model.q.out_features == model.v.out_features == model.o.in_features == 24
+    assert model.ff1.out_features == 64 and model.o.out_features == 32
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    assert model(torch.randn(2, 11, 32)).shape == (2, 11, 32)  # any batch and sequence length
+
+
+def test_all_zero_channels_removed_leave_outputs_unchanged():
+    torch.manual_seed(0)
+    model = DigitsCNN(dropout=0.0).eval()
+    dead = [1, 5, 6, 20]
+    with torch.no_grad():  # conv1 channels whose BN output is exactly 0 -> ReLU 0
+        model.features[1].weight[dead] = 0
+        model.features[1].bias[dead] = 0
+    x = torch.randn(5, 1, 8, 8)
+    before = model(x)
+    cfg = StructuredConfig(ratios={"features.0": 4 / 32}, include=["features.0"], importance="activation")
+    prune_(model, cfg, calibration=[x])
+    assert model.features[0].out_channels == 28
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "activation", "apoz", "output", "taylor"])
+def test_importance_ranks_planted_unit_last(criterion):
+    torch.manual_seed(0)
+    model = LeNet300100().eval()
+    planted = 37
+    with torch.no_grad():
+        model.net[1].bias[:] = 2.0  # every other neuron is active on every input
+        model.net[1].weight[planted] *= 1e-3
+        model.net[1].bias[planted] = -0.01  # dead after ReLU for every input in [0, 1]
+        model.net[4].weight[:, planted] *= 1e-3
+    x = torch.rand(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    groups = [g for g in analyze(model, x) if g.name == "net.1"]
+    imp = make_importance(criterion)
+    imp.prepare(model, groups, [(x, y)], None, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    scores = imp.score(model, groups[0])
+    assert scores.shape == (300,)
+    assert int(torch.argmin(scores)) == planted
+    if criterion in ("activation", "apoz", "output", "taylor"):
+        assert float(scores[planted]) == 0.0
+
+
+def test_global_ranking_reaches_overall_ratio_with_min_width():
+    torch.manual_seed(0)
+    model = LeNet300100()
+    cfg = StructuredConfig(ratio=0.5, global_ranking=True, min_width=60)
+    summary = prune_(model, cfg, example_inputs=torch.randn(2, 1, 28, 28))
+    after = {g["name"]: g["after"] for g in summary.groups}
+    assert sum(after.values()) == 200 and min(after.values()) >= 60
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"ratio": 1.0}, ConfigError, "ratio"),
+        ({"ratios": {"net.1": 1.0}}, ConfigError, "ratios.net.1"),
+        ({"include": ["nothing*"]}, ConfigError, "include[0]"),
+        ({"include": ["net.7"]}, ModelError, "net.7: reaches the model's output"),
+        ({"importance": "taylor"}, ConfigError, "importance"),
+    ],
+)
+def test_bad_input_is_reported_and_model_untouched(kwargs, error, needle):
+    model = LeNet300100()
+    before = _state(model)
+    with pytest.raises(error) as err:
+        prune_(model, StructuredConfig(**kwargs), example_inputs=torch.randn(2, 1, 28, 28))
+    assert needle in str(err.value)
+    assert _same(before, model.state_dict())
+
+
+def test_unsupported_layer_type_is_named():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LSTM(8, 8, batch_first=True))
+    before = _state(model)
+    with pytest.raises(ModelError, match=r"0: feeds 2 \(LSTM\)"):
+        prune_(model, StructuredConfig(include=["0"]), example_inputs=torch.randn(2, 3, 4))
+    assert _same(before, model.state_dict())
+
+
+def test_pruned_model_saves_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = TinyAttention().eval()
+    x = torch.randn(2, 5, 32)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    save_pruned(model, tmp_path / "p.safetensors")
+    fresh = TinyAttention().eval()
+    load_pruned(fresh, tmp_path / "p.safetensors")
+    assert fresh.num_heads == model.num_heads == 2
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_non_mutating_analysis_keeps_mode_and_weights():
+    model = LeNet5().train()
+    before = _state(model)
+    analyze(model, torch.randn(2, 1, 28, 28))
+    assert model.training and _same(before, model.state_dict())
+    copy.deepcopy(model)
