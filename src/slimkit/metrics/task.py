@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimkit.metrics.modes import eval_mode
+from slimkit.utils.batch import to_device
 
 TASKS = ("classification", "regression", "similarity")
 
@@ -125,16 +126,6 @@ def default_forward(model: nn.Module, batch: Any) -> tuple[Any, Any]:
     )
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -161,7 +152,7 @@ def evaluate(
     # pass would otherwise become an inference tensor that later training cannot use.
     with eval_mode(model), torch.no_grad():
         for batch in data_loader:
-            outputs, target = forward(model, _to_device(batch, device))
+            outputs, target = forward(model, to_device(batch, device))
             preds.append(prediction(outputs).detach().float().cpu())
             targets.append(torch.as_tensor(target).detach().cpu())
     if not preds:

@@ -20,6 +20,7 @@ from torch import nn
 from slimkit.data.base import DataBundle
 from slimkit.tasks import TaskAdapter
 from slimkit.train import Callback, TrainConfig, Trainer, TrainResult
+from slimkit.utils.batch import batch_len
 from slimkit.utils.io import save_weights
 
 Saver = Callable[[nn.Module, Path], int]
@@ -67,9 +68,3 @@ class RunContext:
             if seen >= n_samples:
                 break
         return out
-
-
-def batch_len(batch: Any) -> int:
-    if isinstance(batch, dict):
-        return len(next(iter(batch.values())))
-    return len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)

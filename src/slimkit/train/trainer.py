@@ -26,6 +26,7 @@ from slimkit.train.callbacks import Callback
 from slimkit.train.checkpoint import load_checkpoint, save_checkpoint
 from slimkit.train.config import TrainConfig
 from slimkit.train.optim import build_optimizer, lr_factor, regularization
+from slimkit.utils.batch import batch_len, to_device
 
 Forward = Callable[[nn.Module, Any], Any]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -53,16 +54,6 @@ def targets(batch: Any) -> torch.Tensor:
     if isinstance(batch, dict):
         return batch["labels"] if "labels" in batch else batch["scores"]
     return batch[1]
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 @dataclass
@@ -93,6 +84,7 @@ class Trainer:
         task: str = "classification",
         collate_fn: Callable | None = None,
         evaluate: Callable[[nn.Module], dict] | None = None,
+        param_groups: Callable[[nn.Module], list[dict]] | None = None,
     ):
         self.model = model
         self.config = config
@@ -102,6 +94,7 @@ class Trainer:
         self.task = task
         self.collate_fn = collate_fn
         self._evaluate = evaluate
+        self.param_groups = param_groups  # model -> optimizer param groups (optional "lr_scale" each)
         self.optimizer: torch.optim.Optimizer | None = None
         self.state: dict = {}
         self._best_weights: dict[str, torch.Tensor] | None = None
@@ -137,7 +130,8 @@ class Trainer:
     # -- set-up -----------------------------------------------------------
     def _setup(self, train_data: Dataset, resume_from: str | Path | None) -> None:
         cfg = self.config
-        self.optimizer = build_optimizer(self.model, cfg)
+        groups = self.param_groups(self.model) if self.param_groups is not None else None
+        self.optimizer = build_optimizer(self.model, cfg, groups)
         self.steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if resume_from is None:
@@ -219,7 +213,8 @@ class Trainer:
         device = next(self.model.parameters()).device
         batch = to_device(batch, device)
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, st["global_step"], self.steps_per_epoch, self.total_steps)
+            factor = lr_factor(cfg, st["global_step"], self.steps_per_epoch, self.total_steps)
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * factor
         outputs = self.forward(self.model, batch)
         loss = self.loss_fn(outputs, batch)
         for cb in self.callbacks:
@@ -233,7 +228,7 @@ class Trainer:
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        n = _batch_size(batch)
+        n = batch_len(batch)
         st["global_step"] += 1
         st["step_in_epoch"] += 1
         st["epoch_loss_sum"] += float(loss.detach()) * n
@@ -303,11 +298,3 @@ class Trainer:
             train_time_s=st["train_time_s"],
             samples_per_s=st["samples_seen"] / max(st["train_time_s"], 1e-9),
         )
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, dict):
-        return len(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        return len(batch[0])
-    return len(batch)
