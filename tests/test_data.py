@@ -446,3 +446,19 @@ def test_text_collate_single_pairs_and_targets(monkeypatch):
     assert joint["token_type_ids"][0].tolist() == [0] * 4 + [1] * 5
     with pytest.raises(DataError, match="mixes rows"):
         text_collate(tok, 32)([pairs[0], rows[0]])
+
+
+def test_hf_dataset_with_the_real_library(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"sentence": [f"sentence number {i}" for i in range(40)], "label": ["pos", "neg"] * 20}
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows),
+            "test": datasets.Dataset.from_dict({k: v[:8] for k, v in rows.items()}),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "saved"))
+    b = load_hf_dataset(tmp_path / "saved", columns={"text": "sentence", "label": "label"})
+    assert len(b.test) == 8 and len(b.train) + len(b.val) == 40
+    assert b.label_names == ["neg", "pos"] and b.num_classes == 2
+    assert b.test[0]["text"] == "sentence number 0" and b.test[0]["label"] == 1
