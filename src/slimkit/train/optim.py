@@ -14,8 +14,18 @@ from torch import nn
 from slimkit.train.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, param_groups: list[dict] | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters, or over ``param_groups`` when given.
+
+    Param groups (``params`` as lists) are taken as given (frozen parameters in them are kept, so that
+    a callback may unfreeze them later) and may carry an ``lr_scale``: the
+    group's learning rate is ``cfg.lr * lr_scale`` times the schedule.
+    """
+    params: list = [p for p in model.parameters() if p.requires_grad]
+    if param_groups is not None:
+        params = [g for g in param_groups if len(g["params"]) > 0]
     if not params:
         raise ValueError("the model has no trainable parameters")
     if cfg.optimizer == "sgd":

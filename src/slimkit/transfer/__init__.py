@@ -1,0 +1,34 @@
+"""Transfer learning (fine-tuning strategies, LoRA) and multi-task learning on one training core."""
+
+from slimkit.transfer.config import FinetuneConfig, HeadConfig, LoraSpec, MultiTaskConfig, TaskSpec
+from slimkit.transfer.finetune import FinetuneResult, compare_transfer, few_shot, finetune
+from slimkit.transfer.heads import PooledEncoder, TaskHead, TaskModel, with_head
+from slimkit.transfer.lora import add_lora_, merge_lora_
+from slimkit.transfer.strategies import (
+    GradualUnfreezing,
+    discriminative_groups,
+    freeze_backbone_,
+    layer_groups,
+)
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "GradualUnfreezing",
+    "HeadConfig",
+    "LoraSpec",
+    "MultiTaskConfig",
+    "PooledEncoder",
+    "TaskHead",
+    "TaskModel",
+    "TaskSpec",
+    "add_lora_",
+    "compare_transfer",
+    "discriminative_groups",
+    "few_shot",
+    "finetune",
+    "freeze_backbone_",
+    "layer_groups",
+    "merge_lora_",
+    "with_head",
+]
