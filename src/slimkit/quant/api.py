@@ -1,0 +1,247 @@
+"""Entry points: ``quantize_(model, config)`` or the explicit ``prepare_`` -> ``calibrate`` -> ``convert_``.
+
+``prepare_`` validates the config against the model (patterns, layer types) and
+attaches calibration collectors (or, for QAT, swaps in fake-quantized layers);
+``calibrate`` runs batches through the model; ``convert_`` replaces the selected
+layers by integer ones. Every check runs before the model is changed, so a bad
+config, a pattern that matches nothing or a calibration batch of the wrong
+shape raises an error naming it and leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.errors import ConfigError, DataError, ModelError
+from slimkit.quant import builders
+from slimkit.quant.affine import QSpec
+from slimkit.quant.config import (
+    Int8DynamicConfig,
+    Int8StaticConfig,
+    MixedPrecisionConfig,
+    QATConfig,
+    QuantConfig,
+    WeightOnlyConfig,
+    config_from_dict,
+)
+from slimkit.quant.gptq import HessianAccumulator
+from slimkit.quant.observers import make_observer
+from slimkit.quant.plan import Plan, build_plan, get_module, set_module
+from slimkit.quant.qat import QATConv2d, QATLinear, to_qat
+from slimkit.quant.smoothquant import ChannelAbsMax
+
+_STATE = "_slimkit_quant_state"
+Forward = Callable[[nn.Module, Any], Any]
+
+
+@dataclass
+class _State:
+    config: Any
+    plan: Plan
+    collectors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    batches: list = field(default_factory=list)  # kept for mixed precision's sensitivity analysis
+    forward: Forward | None = None
+
+
+def as_config(config: Any) -> Any:
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(
+            "config", f"must be a quantization config or a mapping, got {type(config).__name__}"
+        )
+    return config
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return getattr(model, _STATE, None) is not None
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Tensors call ``model(x)``, ``(x, y)`` pairs ``model(x)``, dicts ``model(**batch)``."""
+    if isinstance(batch, dict):
+        return model(**{k: v for k, v in batch.items() if k not in ("labels", "scores")})
+    if isinstance(batch, (list, tuple)):
+        return model(batch[0])
+    return model(batch)
+
+
+def prepare_(model: nn.Module, config: Any) -> Plan:
+    """Select layers and attach calibration collectors (QAT: swap in fake-quantized layers)."""
+    config = as_config(config)
+    if is_prepared(model):
+        raise ModelError(f"{type(model).__name__} is already prepared for quantization: call convert_ first")
+    plan = build_plan(model, config)
+    state = _State(config, plan)
+    for name, cfg in plan.layers.items():
+        collectors = _collectors(get_module(model, name), cfg)
+        if collectors:
+            state.collectors[name] = collectors
+            state.hooks.append(get_module(model, name).register_forward_pre_hook(_hook(collectors)))
+    for name, cfg in plan.layers.items():
+        if isinstance(cfg, QATConfig):
+            set_module(model, name, to_qat(get_module(model, name), cfg))
+    setattr(model, _STATE, state)
+    return plan
+
+
+def _collectors(module: nn.Module, cfg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    width = module.in_features if isinstance(module, nn.Linear) else None
+    if isinstance(cfg, Int8StaticConfig):
+        if cfg.smoothquant and width:
+            # Per-channel ranges: the per-tensor range of x / s follows exactly once s is known.
+            out["act_channels"] = make_observer("minmax", QSpec(8, cfg.activation_symmetric, "channel", 1))
+        else:
+            spec = QSpec(8, cfg.activation_symmetric, "tensor")
+            out["act"] = make_observer(cfg.activation_observer, spec, percentile=cfg.percentile)
+    if isinstance(cfg, (Int8DynamicConfig, Int8StaticConfig)) and cfg.smoothquant and width:
+        out["absmax"] = ChannelAbsMax(width)
+    if isinstance(cfg, WeightOnlyConfig) and cfg.algorithm == "gptq":
+        out["hessian"] = HessianAccumulator(width)
+    return out
+
+
+def _hook(collectors: dict[str, Any]):
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        for name, collector in collectors.items():
+            collector.update(x.reshape(-1, x.shape[-1]) if name == "act_channels" else x)
+
+    return hook
+
+
+def calibrate(
+    model: nn.Module, batches: Iterable[Any], forward: Forward | None = None, max_batches: int | None = None
+) -> int:
+    """Run calibration batches (eval mode, no gradients). Returns the number of batches used."""
+    state = _require_state(model)
+    forward = forward or default_forward
+    saved = copy.deepcopy(state.collectors)
+    was_training, used, kept = model.training, 0, []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                try:
+                    forward(model, batch)
+                except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    raise DataError(
+                        f"calibration batch {i} ({_describe(batch)}) does not fit the model: {err}"
+                    ) from err
+                kept.append(batch)
+                used += 1
+    except BaseException:
+        _restore_collectors(state, saved)
+        raise
+    finally:
+        model.train(was_training)
+    if used == 0:
+        raise DataError("calibration: no batches were given")
+    state.batches.extend(kept if isinstance(state.config, MixedPrecisionConfig) else [])
+    state.forward = forward
+    return used
+
+
+def _restore_collectors(state: _State, saved: dict[str, dict[str, Any]]) -> None:
+    # Hooks close over the collector dicts: refill those very dicts.
+    for name, collectors in state.collectors.items():
+        collectors.clear()
+        collectors.update(saved[name])
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return f"input of shape {tuple(batch[0].shape)}"
+    return type(batch).__name__
+
+
+def convert_(model: nn.Module) -> dict[str, dict[str, str]]:
+    """Replace the prepared layers by quantized ones; returns ``{"quantized": ..., "skipped": ...}``."""
+    state = _require_state(model)
+    plan = state.plan
+    if isinstance(state.config, MixedPrecisionConfig):
+        from slimkit.quant.sensitivity import mixed_precision_plan
+
+        plan = mixed_precision_plan(model, state)
+    missing = [n for n, c in state.collectors.items() if n in plan.layers and _empty(c)]
+    if missing:
+        raise DataError(
+            f"layers saw no input during calibration: {', '.join(missing[:5])} (run calibrate first)"
+        )
+    new = {
+        name: builders.build(get_module(model, name), cfg, state.collectors.get(name, {}))
+        for name, cfg in plan.layers.items()
+    }
+    _detach(model, state)
+    for name, module in new.items():
+        set_module(model, name, module)
+    return summary(new, plan.skipped)
+
+
+def _empty(collectors: dict[str, Any]) -> bool:
+    return any(getattr(c, "batches", 1) == 0 or getattr(c, "n", 1) == 0 for c in collectors.values())
+
+
+def summary(new: dict[str, nn.Module], skipped: dict[str, str]) -> dict[str, dict[str, str]]:
+    return {"quantized": {n: m.extra_repr() for n, m in new.items()}, "skipped": dict(skipped)}
+
+
+def _detach(model: nn.Module, state: _State) -> None:
+    for handle in state.hooks:
+        handle.remove()
+    setattr(model, _STATE, None)
+
+
+def unprepare_(model: nn.Module) -> None:
+    """Undo ``prepare_``: remove collectors and turn fake-quantized layers back into float ones."""
+    state = _require_state(model)
+    for name in state.plan.layers:
+        module = get_module(model, name)
+        if isinstance(module, (QATLinear, QATConv2d)):
+            set_module(model, name, builders.qat_to_float(module))
+    _detach(model, state)
+
+
+def _require_state(model: nn.Module) -> _State:
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ModelError(f"{type(model).__name__} is not prepared for quantization: call prepare_ first")
+    return state
+
+
+def quantize_(
+    model: nn.Module,
+    config: Any,
+    calibration_data: Iterable[Any] | None = None,
+    forward: Forward | None = None,
+    max_batches: int | None = None,
+) -> dict[str, dict[str, str]]:
+    """Quantize ``model`` in place in one call (QAT: only prepares; train, then ``convert_``)."""
+    config = as_config(config)
+    if config.needs_calibration and calibration_data is None:
+        raise ConfigError("calibration_data", f"{config.method} needs calibration batches")
+    plan = prepare_(model, config)
+    if isinstance(config, QATConfig):
+        return summary({}, plan.skipped) | {"prepared": {n: "fake-quantized (QAT)" for n in plan.layers}}
+    try:
+        if config.needs_calibration or isinstance(config, MixedPrecisionConfig):
+            calibrate(model, calibration_data, forward, max_batches)
+        return convert_(model)
+    except BaseException:
+        if is_prepared(model):
+            unprepare_(model)
+        raise

@@ -1,0 +1,86 @@
+"""GPTQ: quantize weights column by column, pushing each column's error onto the columns not yet quantized.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (2022). With ``H = 2 X^T X`` from calibration inputs
+``X`` of a Linear layer, the error of quantizing column ``i`` is spread over
+columns ``j > i`` through the inverse Hessian's Cholesky factor, which
+minimises the layer's output error ``||X W^T - X Q^T||`` rather than the weight
+error that round-to-nearest minimises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimkit.quant.affine import QSpec, dequantize, minmax, qparams, quantize
+
+
+class HessianAccumulator:
+    """Running ``2/n * X^T X`` of a layer's inputs (rows of the flattened activations)."""
+
+    def __init__(self, in_features: int):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).double()
+        total = self.n + x2.shape[0]
+        self.h.mul_(self.n / total).add_(x2.t() @ x2, alpha=2.0 / total)
+        self.n = total
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    h = h.clone()
+    diag = torch.arange(h.shape[0])
+    h[diag, diag] += damp * torch.mean(torch.diag(h)).clamp(min=1e-8)
+    chol = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+
+
+def gptq_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: QSpec, damp: float = 0.01, block_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scales and zero points of ``weight`` (``[N, K]``) shaped as for :func:`quantize_tensor`."""
+    w = weight.detach().double().clone()
+    n_out, k = w.shape
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0  # inputs that are always zero: their columns do not matter
+    w[:, dead] = 0.0
+    hinv = _inverse_cholesky(h, damp)
+    group = spec.group_size if spec.granularity == "group" else None
+    if group:
+        block_size = max(group, block_size // group * group)  # groups never straddle blocks
+    col_spec = QSpec(spec.bits, spec.symmetric, "channel", 0)
+    scales, zeros = [], []
+    if not group:
+        scale, zero = qparams(*minmax(w.float(), spec), spec)
+        col_scale = scale.expand(n_out) if spec.granularity == "tensor" else scale
+        col_zero = zero.expand(n_out) if spec.granularity == "tensor" else zero
+    codes = torch.zeros(n_out, k, dtype=torch.int8)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if group and (i1 + i) % group == 0:
+                g_spec = QSpec(spec.bits, spec.symmetric, "channel", 0)
+                col_scale, col_zero = qparams(*minmax(w1[:, i : i + group].float(), g_spec), g_spec)
+                scales.append(col_scale)
+                zeros.append(col_zero)
+            col = w1[:, i].float()
+            q = quantize(col, col_scale, col_zero, col_spec)
+            codes[:, i1 + i] = q
+            err = (col - dequantize(q, col_scale, col_zero, col_spec)).double() / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if group:
+        return codes, torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
+    return codes, scale, zero
+
+
+def layer_output_error(weight: torch.Tensor, dequantized: torch.Tensor, x: torch.Tensor) -> float:
+    """Mean squared difference of ``x @ W^T`` between the float and the quantized weights."""
+    return float((x @ weight.t() - x @ dequantized.t()).pow(2).mean())

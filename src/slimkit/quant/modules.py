@@ -1,0 +1,296 @@
+"""Quantized layers that compute on integer kernels (see :mod:`slimkit.quant.kernels`).
+
+All weights live in buffers (no parameters), with ``weight()`` / ``bias()``
+accessors returning the dequantized tensors, so the metrics helpers count
+them as packed modules. Every module can be rebuilt from its state dict alone
+(:func:`slimkit.quant.serialize.load_quantized`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from slimkit.quant import kernels
+from slimkit.quant.affine import QSpec, dequantize, pack_int4, unpack_int4
+
+INT8_CHANNEL = QSpec(8, True, "channel", 0)
+
+
+class _Packed(nn.Module):
+    """Shared accessors: ``bias()`` and the float ``weight()`` the metrics helpers read."""
+
+    bias_value: torch.Tensor | None
+
+    def bias(self) -> torch.Tensor | None:
+        return self.bias_value
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        self.register_buffer("bias_value", None if bias is None else bias.detach().float().clone())
+
+
+class QuantLinear(_Packed):
+    """int8 x int8 Linear. ``mode``: ``dynamic`` (activation scale per call) or ``static`` (calibrated)."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, granularity: str = "token"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.mode, self.granularity = mode, granularity
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        self.register_buffer("x_scale", torch.ones(()))
+        self.register_buffer("x_zero", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("w_colsum", torch.zeros(out_features, dtype=torch.int32), persistent=False)
+        self.register_buffer("in_scale", None)  # SmoothQuant's 1/s per input channel, if used
+        self.weight_bits = 8  # codes may use fewer bits (QAT at 4 bits); they are stored packed then
+        self._set_bias(None)
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, q, w_scale, mode, granularity="token", x_qparams=None, in_scale=None
+    ):
+        mod = cls(linear.in_features, linear.out_features, mode, granularity)
+        mod.set_weight(q, w_scale)
+        mod._set_bias(linear.bias)
+        mod.set_activation(x_qparams, in_scale)
+        return mod
+
+    def set_activation(self, x_qparams=None, in_scale=None) -> None:
+        if x_qparams is not None:
+            self.x_scale.copy_(x_qparams[0].reshape(()))
+            self.x_zero.copy_(x_qparams[1].reshape(()))
+        if in_scale is not None:
+            self.in_scale = in_scale.detach().float().clone()
+
+    def set_weight(self, q: torch.Tensor, w_scale: torch.Tensor) -> None:
+        self.qweight.copy_(q)
+        self.w_scale.copy_(w_scale.reshape(-1))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute derived (non-saved) buffers after loading a state dict."""
+        self.w_colsum = self.qweight.to(torch.int32).sum(dim=1)
+
+    def weight(self) -> torch.Tensor:
+        return dequantize(
+            self.qweight, self.w_scale, torch.zeros_like(self.w_scale, dtype=torch.int32), INT8_CHANNEL
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_scale is not None:
+            x = x * self.in_scale
+        if torch.onnx.is_in_onnx_export():
+            return _export_linear(self, x)
+        if self.mode == "dynamic":
+            return kernels.dynamic_int8_linear(
+                x, self.qweight, self.w_scale, self.w_colsum, self.bias_value, self.granularity
+            )
+        shape = x.shape
+        out = kernels.static_int8_matmul(
+            x.reshape(-1, shape[-1]).float(),
+            self.qweight,
+            self.w_scale,
+            self.w_colsum,
+            self.x_scale,
+            self.x_zero,
+        )
+        if self.bias_value is not None:
+            out.add_(self.bias_value)
+        return out.reshape(*shape[:-1], -1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features}, {self.out_features}, int8 {self.mode}, activations per {self.granularity}"
+        )
+
+
+class QuantConv2d(_Packed):
+    """int8 Conv2d (groups=1) as im2col + ``torch._int_mm``; static or dynamic activations."""
+
+    def __init__(self, conv: nn.Conv2d, mode: str, granularity: str = "tensor"):
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.mode, self.granularity = mode, granularity
+        k = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        self.register_buffer("qweight", torch.zeros(conv.out_channels, k, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(conv.out_channels))
+        self.register_buffer("x_scale", torch.ones(()))
+        self.register_buffer("x_zero", torch.zeros((), dtype=torch.int32))
+        self.register_buffer("w_colsum", torch.zeros(conv.out_channels, dtype=torch.int32), persistent=False)
+        self.weight_bits = 8
+        self._set_bias(conv.bias)
+
+    set_weight = QuantLinear.set_weight
+    set_activation = QuantLinear.set_activation
+    refresh = QuantLinear.refresh
+
+    def weight(self) -> torch.Tensor:
+        w = QuantLinear.weight(self)  # type: ignore[arg-type]
+        return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        cols = F.unfold(x.float(), self.kernel_size, self.dilation, self.padding, self.stride)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        if self.mode == "dynamic":
+            out = kernels.dynamic_int8_linear(
+                rows, self.qweight, self.w_scale, self.w_colsum, None, self.granularity
+            )
+        else:
+            out = kernels.static_int8_matmul(
+                rows, self.qweight, self.w_scale, self.w_colsum, self.x_scale, self.x_zero
+            )
+        if self.bias_value is not None:
+            out = out + self.bias_value
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[
+            0
+        ] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[
+            1
+        ] + 1
+        return out.reshape(n, ho * wo, -1).transpose(1, 2).reshape(n, -1, ho, wo).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, int8 {self.mode}"
+
+
+class WeightOnlyLinear(_Packed):
+    """Linear with int8 (per channel) or int4 (per group, packed two per byte) weights, float activations."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("w_scale", torch.ones(out_features))
+            self.register_buffer("w_zero", torch.zeros(out_features, dtype=torch.int8))
+        else:
+            groups = in_features // group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("w_scale", torch.ones(out_features, groups))
+            self.register_buffer("w_zero", torch.zeros(out_features, groups, dtype=torch.int8))
+        self.register_buffer("kernel_weight", None, persistent=False)
+        self.register_buffer("kernel_scales", None, persistent=False)
+        self._set_bias(None)
+
+    @property
+    def spec(self) -> QSpec:
+        if self.bits == 8:
+            return QSpec(8, True, "channel", 0)
+        return QSpec(4, True, "group", 0, self.group_size)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, q, scale, zero, bits, group_size):
+        mod = cls(linear.in_features, linear.out_features, bits, group_size)
+        mod.set_weight(q, scale, zero)
+        mod._set_bias(linear.bias)
+        return mod
+
+    def set_weight(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self.qweight.copy_(q if self.bits == 8 else pack_int4(q))
+        self.w_scale.copy_(scale.reshape(self.w_scale.shape))
+        self.w_zero.copy_(zero.reshape(self.w_zero.shape).to(torch.int8))
+        self.refresh()
+
+    def codes(self) -> torch.Tensor:
+        return self.qweight if self.bits == 8 else unpack_int4(self.qweight)
+
+    def refresh(self) -> None:
+        if self.bits == 8:
+            # The int8 kernel has no zero point: fold it into the (float) weights is not possible,
+            # so int8 weight-only is symmetric and the zero buffer stays 0 (checked at quantization).
+            self.kernel_weight, self.kernel_scales = self.qweight, self.w_scale
+        else:
+            self.kernel_weight = kernels.int4_kernel_weight(self.codes())
+            self.kernel_scales = kernels.int4_scales_and_zeros(self.w_scale, self.w_zero)
+
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.codes(), self.w_scale, self.w_zero.to(torch.int32), self.spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            out = F.linear(x, self.weight())  # exporters see plain float math; ORT gets MatMul
+        elif self.bits == 8:
+            out = kernels.int8_weight_only_linear(x, self.kernel_weight, self.kernel_scales)
+        else:
+            out = kernels.int4_weight_only_linear(x, self.kernel_weight, self.group_size, self.kernel_scales)
+        return out if self.bias_value is None else out + self.bias_value
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{self.in_features}, {self.out_features}, int{self.bits} weight-only{group}"
+
+
+class QuantEmbedding(_Packed):
+    """Embedding table in int8 with one scale per row; only the looked-up rows are dequantized."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(num_embeddings))
+        self._set_bias(None)
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, q, scale):
+        mod = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx)
+        mod.qweight.copy_(q)
+        mod.w_scale.copy_(scale.reshape(-1))
+        return mod
+
+    def refresh(self) -> None: ...
+
+    def weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.w_scale[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).float() * F.embedding(ids, self.w_scale[:, None])
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
+class BF16Linear(nn.Linear):
+    """A Linear whose weights and GEMM are bfloat16 (AVX-512 BF16 on this CPU); input/output dtype kept."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias
+        return F.linear(x.to(torch.bfloat16), self.weight, bias).to(x.dtype)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> BF16Linear:
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=torch.bfloat16)
+        with torch.no_grad():
+            mod.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias)
+        return mod
+
+
+class _DynamicQuantizeMatMul(torch.autograd.Function):
+    """Exported as ONNX Runtime's ``com.microsoft::DynamicQuantizeMatMul`` with slimkit's int8 weights."""
+
+    @staticmethod
+    def forward(ctx, x, qweight_t, w_scale, w_zero, bias):
+        return F.linear(x, (qweight_t.float() * w_scale).t(), bias)
+
+    @staticmethod
+    def symbolic(g, x, qweight_t, w_scale, w_zero, bias):
+        return g.op("com.microsoft::DynamicQuantizeMatMul", x, qweight_t, w_scale, w_zero, bias)
+
+
+def _export_linear(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if mod.mode != "dynamic" or mod.granularity != "tensor":
+        raise NotImplementedError(
+            "only dynamic int8 layers with activation_granularity='tensor' export to ONNX Runtime "
+            f"(got mode={mod.mode}, granularity={mod.granularity})"
+        )
+    bias = mod.bias_value if mod.bias_value is not None else torch.zeros(mod.out_features)
+    qt = mod.qweight.t().contiguous()
+    return _DynamicQuantizeMatMul.apply(
+        x, qt, mod.w_scale, torch.zeros_like(mod.w_scale, dtype=torch.int8), bias
+    )

@@ -1,0 +1,151 @@
+"""Observers: watch tensors during calibration and choose their quantization range.
+
+All observers reduce to a per-granularity ``(lo, hi)`` range (see
+:mod:`slimkit.quant.affine`) and differ in how they pick it:
+
+- ``minmax``: the extreme values seen (every value representable; outliers widen the step);
+- ``moving_average``: an exponential moving average of each batch's min and max
+  (steadier under a few extreme batches; the usual choice during QAT);
+- ``percentile``: the given percentile of |x| per batch, averaged (clips rare outliers);
+- ``mse``: the clipping of the min-max range that minimises the mean squared
+  quantization error on a sample of the observed values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimkit.quant.affine import QSpec, dequantize, minmax, param_shape, qparams, quantize
+
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
+_SAMPLE = 1 << 16  # values kept per batch by sampling observers: enough for a stable estimate
+
+
+class Observer:
+    def __init__(self, spec: QSpec):
+        self.spec = spec
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+        self.batches = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = self._batch_range(x.detach().float())
+        self._merge(lo, hi)
+        self.batches += 1
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return minmax(x, self.spec)
+
+    def _merge(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lo is None:
+            raise RuntimeError(f"{type(self).__name__} has seen no data: run calibration batches first")
+        return self.lo, self.hi
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return qparams(*self.range(), self.spec)
+
+
+class MinMaxObserver(Observer):
+    pass
+
+
+class MovingAverageObserver(Observer):
+    def __init__(self, spec: QSpec, momentum: float = 0.01):
+        super().__init__(spec)
+        self.momentum = momentum
+
+    def _merge(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.lo is None:
+            self.lo, self.hi = lo, hi
+        else:
+            self.lo = self.lo + self.momentum * (lo - self.lo)
+            self.hi = self.hi + self.momentum * (hi - self.hi)
+
+
+class PercentileObserver(Observer):
+    """Averages the per-batch ``percentile`` of the values (low tail and high tail)."""
+
+    def __init__(self, spec: QSpec, percentile: float = 99.99):
+        super().__init__(spec)
+        self.q = percentile / 100.0
+        self._sum_lo: torch.Tensor | None = None
+        self._sum_hi: torch.Tensor | None = None
+
+    def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = _rows(x, self.spec)
+        rows = _subsample(rows)
+        lo = torch.quantile(rows, 1.0 - self.q, dim=-1)
+        hi = torch.quantile(rows, self.q, dim=-1)
+        shape = param_shape(x.shape, self.spec)
+        return lo.reshape(shape), hi.reshape(shape)
+
+    def _merge(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self._sum_lo = lo if self._sum_lo is None else self._sum_lo + lo
+        self._sum_hi = hi if self._sum_hi is None else self._sum_hi + hi
+        n = self.batches + 1
+        self.lo, self.hi = self._sum_lo / n, self._sum_hi / n
+
+
+class MSEObserver(Observer):
+    """Min-max range, then the shrink factor in [0.3, 1] with the least quantization MSE on a sample."""
+
+    def __init__(self, spec: QSpec, steps: int = 40):
+        super().__init__(spec)
+        self.steps = steps
+        self._samples: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        self._samples.append(_subsample(_rows(x.detach().float(), self.spec)))
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.range()
+        sample = torch.cat(self._samples, dim=-1)  # (params, n) rows of observed values
+        flat_lo, flat_hi = lo.reshape(-1), hi.reshape(-1)
+        best_err = torch.full_like(flat_lo, float("inf"))
+        best = torch.ones_like(flat_lo)
+        row_spec = QSpec(self.spec.bits, self.spec.symmetric, "channel", 0)
+        for factor in torch.linspace(0.3, 1.0, self.steps):
+            s, z = qparams(flat_lo * factor, flat_hi * factor, row_spec)
+            err = (dequantize(quantize(sample, s, z, row_spec), s, z, row_spec) - sample).pow(2).mean(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, factor, best)
+        return qparams(lo * best.reshape(lo.shape), hi * best.reshape(hi.shape), self.spec)
+
+
+def _rows(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """One row of values per quantization parameter."""
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    moved = x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
+    if spec.granularity == "channel":
+        return moved
+    return moved.reshape(-1, spec.group_size)
+
+
+def _subsample(rows: torch.Tensor) -> torch.Tensor:
+    """At most ``_SAMPLE`` values per row, picked with a fixed stride (deterministic)."""
+    n = rows.shape[-1]
+    if n <= _SAMPLE:
+        return rows
+    idx = torch.linspace(0, n - 1, _SAMPLE).long()
+    return rows[:, idx]
+
+
+def make_observer(kind: str, spec: QSpec, percentile: float = 99.99, momentum: float = 0.01) -> Observer:
+    if kind == "minmax":
+        return MinMaxObserver(spec)
+    if kind == "moving_average":
+        return MovingAverageObserver(spec, momentum)
+    if kind == "percentile":
+        return PercentileObserver(spec, percentile)
+    if kind == "mse":
+        return MSEObserver(spec)
+    raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}; got {kind!r}")

@@ -1,0 +1,107 @@
+"""Which layer gets which config: pattern matching, done and checked before anything changes."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from slimkit.errors import ConfigError, ModelError
+from slimkit.quant.config import (
+    Int8DynamicConfig,
+    Int8StaticConfig,
+    MixedPrecisionConfig,
+    QATConfig,
+    WeightOnlyConfig,
+)
+
+EMBEDDING_CONFIG = "embedding_int8"
+
+
+@dataclass
+class Plan:
+    layers: dict[str, Any] = field(default_factory=dict)  # module name -> layer config (or EMBEDDING_CONFIG)
+    skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it stays float
+
+
+def supports(config: Any, module: nn.Module) -> str | None:
+    """``None`` if ``config`` can quantize ``module``, else the reason it cannot."""
+    if isinstance(module, nn.Linear):
+        if isinstance(config, WeightOnlyConfig) and config.bits == 4:
+            if module.in_features % config.group_size:
+                return f"in_features {module.in_features} is not a multiple of group_size {config.group_size}"
+            if module.in_features % 2:
+                return "int4 packing needs an even in_features"
+        return None
+    if isinstance(module, nn.Conv2d):
+        if not isinstance(config, (Int8DynamicConfig, Int8StaticConfig, QATConfig)):
+            return f"{config.method} handles Linear layers only"
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return "only groups=1, zero-padded convolutions with numeric padding are quantized"
+        return None
+    return "not a Linear or Conv2d"
+
+
+def _first_match(name: str, patterns: list[str]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def build_plan(model: nn.Module, config: Any) -> Plan:
+    """Assign a config to each quantizable layer; raise naming any pattern that matches nothing."""
+    plan = Plan()
+    used: set[str] = set()
+    default = config.low if isinstance(config, MixedPrecisionConfig) else config
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in [*config.include, *config.overrides]:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            field_name = "include" if pattern in config.include else f"overrides.{pattern}"
+            raise ConfigError(field_name, f"pattern {pattern!r} matches no module of {type(model).__name__}")
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            if config.quantize_embeddings and _first_match(name, config.include):
+                plan.layers[name] = EMBEDDING_CONFIG
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        override = _first_match(name, list(config.overrides))
+        chosen = default
+        if override is not None:
+            used.add(override)
+            chosen = config.overrides[override]
+            if chosen is None:
+                plan.skipped[name] = f"override {override!r}: kept in float"
+                continue
+        elif not _first_match(name, config.include):
+            continue
+        reason = supports(chosen, module)
+        if reason is None:
+            plan.layers[name] = chosen
+        else:
+            plan.skipped[name] = reason
+    if not any(v != EMBEDDING_CONFIG for v in plan.layers.values()):
+        details = "; ".join(f"{k}: {v}" for k, v in list(plan.skipped.items())[:5])
+        raise ModelError(
+            f"{type(model).__name__} has no layer that {config.method} can quantize"
+            + (f" ({details})" if details else " (no Linear or Conv2d layer matched include)")
+        )
+    _check_uniform(plan)
+    return plan
+
+
+def _check_uniform(plan: Plan) -> None:
+    """Calibration-time and training-time methods cannot be mixed in one pass."""
+    kinds = {type(c) for c in plan.layers.values() if c != EMBEDDING_CONFIG}
+    if QATConfig in kinds and len(kinds) > 1:
+        raise ConfigError("overrides", "QAT cannot be combined with post-training methods in one model")
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,32 @@
+"""SmoothQuant: move activation outliers into the weights before int8 quantization.
+
+Xiao et al., "SmoothQuant" (2023). For input channel ``j`` of a Linear,
+``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)``; then ``X' = X / s`` and
+``W' = W * s`` give the same product, with activations that quantize with
+less error (a few large channels no longer set the step for all others). The
+division is kept as a per-channel input scale in the quantized layer (one
+cheap elementwise op), which works for any model without graph surgery.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ChannelAbsMax:
+    """Per-input-channel maximum of |x| over the calibration batches."""
+
+    def __init__(self, channels: int):
+        self.value = torch.zeros(channels)
+
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float().abs().amax(dim=0)
+        self.value = torch.maximum(self.value, flat)
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s`` per input channel (1 where a channel never fired or has no weight)."""
+    w_max = weight.detach().float().abs().amax(dim=0)
+    s = act_absmax.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1.0 - alpha)
+    s = torch.where((act_absmax > 0) & (w_max > 0), s, torch.ones_like(s))
+    return s.clamp(min=1e-4, max=1e4)
