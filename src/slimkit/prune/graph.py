@@ -173,6 +173,10 @@ def _merge(names: list[str], reaches: dict[str, tuple], tied: set[str], calls: d
             if c in group.consumers and group.consumers[c] != cspan:
                 group.unsafe.append(f"{c} reads the units at two different positions")
             group.consumers[c] = cspan
+    if not group.consumers and not group.unsafe:
+        # Nothing reads these units (e.g. a pooler whose output the wrapper drops): no criterion
+        # can rank them and removing them saves nothing at run time.
+        group.unsafe.append("its output is not used by any layer")
     for layer in group.layers:
         if layer in tied:
             group.unsafe.append(f"{layer} shares its weights with another layer")
