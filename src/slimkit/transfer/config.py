@@ -154,6 +154,7 @@ class MultiTaskConfig:
     tasks: list[TaskSpec]
     weighting: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
     gradnorm_alpha: float = 1.5
+    weighting_lr: float = 0.01  # learning rate of learned loss weights (uncertainty, gradnorm)
     sampling: Literal["proportional", "temperature"] = "proportional"
     temperature: float = 2.0
     steps_per_epoch: int | None = None
@@ -174,6 +175,7 @@ class MultiTaskConfig:
         one_of(self.weighting, "weighting", ("fixed", "uncertainty", "gradnorm"))
         one_of(self.sampling, "sampling", ("proportional", "temperature"))
         non_negative(self.gradnorm_alpha, "gradnorm_alpha")
+        positive(self.weighting_lr, "weighting_lr")
         positive(self.temperature, "temperature")
         require(
             self.head.num_labels is None, "head.num_labels", "set num_labels per task (tasks[i].num_labels)"
