@@ -240,7 +240,7 @@ def _unchanged_after(fn, student):
 @pytest.mark.parametrize(
     ("student", "config", "match"),
     [
-        (lambda: DigitsCNN(num_classes=5), DistillConfig(), "5 classes, teacher 10"),
+        (lambda: DigitsCNN(num_classes=5), DistillConfig(), "student: has 5 classes but the teacher has 10"),
         (
             lambda: DigitsCNN(width=4),
             DistillConfig(hidden_weight=1.0, layer_map={"features.5": "features.5"}, projection=False),

@@ -99,13 +99,13 @@ class DistillationCallback(Callback):
         if self.config.output_loss == "none":
             return
         if len(s_out) != len(t_out):
-            raise ConfigError("output", f"student gives {len(s_out)} outputs, teacher {len(t_out)}")
+            raise ConfigError("student", f"gives {len(s_out)} outputs but the teacher gives {len(t_out)}")
         for s, t in zip(s_out, t_out):
             if s.shape[-1] != t.shape[-1]:
                 what = "classes" if self.config.output_loss == "kd" else "output features"
                 raise ConfigError(
-                    "output",
-                    f"student has {s.shape[-1]} {what}, teacher {t.shape[-1]}: they cannot be matched",
+                    "student",
+                    f"has {s.shape[-1]} {what} but the teacher has {t.shape[-1]}: the outputs cannot be matched",
                 )
 
     # -- training hooks -----------------------------------------------------------
