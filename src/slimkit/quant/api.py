@@ -189,7 +189,10 @@ def convert_(model: nn.Module) -> dict[str, dict[str, str]]:
     _detach(model, state)
     for name, module in new.items():
         set_module(model, name, module)
-    return summary(new, plan.skipped)
+    result = summary(new, plan.skipped)
+    if hasattr(plan, "analysis"):
+        result["analysis"] = plan.analysis
+    return result
 
 
 def _empty(collectors: dict[str, Any]) -> bool:
@@ -232,13 +235,14 @@ def quantize_(
 ) -> dict[str, dict[str, str]]:
     """Quantize ``model`` in place in one call (QAT: only prepares; train, then ``convert_``)."""
     config = as_config(config)
-    if config.needs_calibration and calibration_data is None:
-        raise ConfigError("calibration_data", f"{config.method} needs calibration batches")
+    needs = [c.method for c in (config, *config.overrides.values()) if c is not None and c.needs_calibration]
+    if needs and calibration_data is None:
+        raise ConfigError("calibration_data", f"{needs[0]} needs calibration batches")
     plan = prepare_(model, config)
     if isinstance(config, QATConfig):
         return summary({}, plan.skipped) | {"prepared": {n: "fake-quantized (QAT)" for n in plan.layers}}
     try:
-        if config.needs_calibration or isinstance(config, MixedPrecisionConfig):
+        if needs:
             calibrate(model, calibration_data, forward, max_batches)
         return convert_(model)
     except BaseException:

@@ -39,20 +39,25 @@ def tensor_qparams_u8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero
 
 
-def quantize_with(x2: torch.Tensor, scale: torch.Tensor, zero_u8: torch.Tensor) -> torch.Tensor:
-    """Asymmetric uint8-range codes, shifted by -128 into int8 (zero point shifted alike)."""
-    q = torch.round(x2 / scale).add_(zero_u8).clamp_(0, 255).sub_(128)
-    return q.to(torch.int8)
+def quantize_with(x2: torch.Tensor, scale: torch.Tensor, zero_s8: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``clamp(round(x / s) + z, -128, 127)`` (an unsigned zero point is passed shifted by -128)."""
+    return torch.round(x2 * (1.0 / scale)).add_(zero_s8).clamp_(-128, 127).to(torch.int8)
 
 
-def int8_matmul(
-    xq: torch.Tensor, qweight: torch.Tensor, zero_s8: torch.Tensor | None, weight_colsum: torch.Tensor
+def int8_linear_epilogue(
+    acc: torch.Tensor,
+    scale: torch.Tensor,
+    zero_s8: torch.Tensor | None,
+    weight_colsum: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``(xq - zero) @ qweight.T`` in int32, with the zero point folded into a rank-1 correction."""
-    acc = torch._int_mm(xq, qweight.t())
+    """``(acc - z * colsum(W)) * scale + bias``, the zero-point term folded into one float vector."""
+    out = acc * scale  # int32 * float -> float in one pass
+    shift = bias
     if zero_s8 is not None:
-        acc = acc - zero_s8.to(torch.int32) * weight_colsum
-    return acc
+        corr = -(zero_s8.float() * weight_colsum.float()) * scale.reshape(-1)
+        shift = corr if shift is None else shift + corr
+    return out if shift is None else out.add_(shift)
 
 
 def dynamic_int8_linear(
@@ -67,29 +72,27 @@ def dynamic_int8_linear(
     x2 = x.reshape(-1, shape[-1]).float()
     if granularity == "token":
         xq, x_scale = quantize_rows_symmetric(x2)
-        acc = torch._int_mm(xq, qweight.t())
+        out = int8_linear_epilogue(torch._int_mm(xq, qweight.t()), x_scale * w_scale, None, w_colsum, bias)
     else:
         x_scale, zero = tensor_qparams_u8(x2)
-        xq = quantize_with(x2, x_scale, zero)
-        acc = int8_matmul(xq, qweight, zero - 128, w_colsum)
-    out = acc.float().mul_(x_scale * w_scale)
-    if bias is not None:
-        out.add_(bias)
+        zero_s8 = zero - 128
+        xq = quantize_with(x2, x_scale, zero_s8)
+        out = int8_linear_epilogue(torch._int_mm(xq, qweight.t()), x_scale * w_scale, zero_s8, w_colsum, bias)
     return out.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-def static_int8_matmul(
+def static_int8_linear(
     x2: torch.Tensor,
     qweight: torch.Tensor,
     w_scale: torch.Tensor,
     w_colsum: torch.Tensor,
     x_scale: torch.Tensor,
     x_zero: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Float result of int8 ``x2 @ W.T`` with calibrated (fixed) activation scale and zero point."""
-    q = torch.round(x2 / x_scale).add_(x_zero).clamp_(-128, 127).to(torch.int8)
-    acc = int8_matmul(q, qweight, x_zero, w_colsum)
-    return acc.float().mul_(x_scale * w_scale)
+    """Float ``x2 @ W.T + b`` computed in int8 with a calibrated (fixed) activation scale and zero point."""
+    q = quantize_with(x2, x_scale, x_zero)
+    return int8_linear_epilogue(torch._int_mm(q, qweight.t()), x_scale * w_scale, x_zero, w_colsum, bias)
 
 
 def int8_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -87,16 +87,10 @@ class QuantLinear(_Packed):
                 x, self.qweight, self.w_scale, self.w_colsum, self.bias_value, self.granularity
             )
         shape = x.shape
-        out = kernels.static_int8_matmul(
-            x.reshape(-1, shape[-1]).float(),
-            self.qweight,
-            self.w_scale,
-            self.w_colsum,
-            self.x_scale,
-            self.x_zero,
+        x2 = x.reshape(-1, shape[-1]).float()
+        out = kernels.static_int8_linear(
+            x2, self.qweight, self.w_scale, self.w_colsum, self.x_scale, self.x_zero, self.bias_value
         )
-        if self.bias_value is not None:
-            out.add_(self.bias_value)
         return out.reshape(*shape[:-1], -1).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -137,24 +131,22 @@ class QuantConv2d(_Packed):
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
         if self.mode == "dynamic":
             out = kernels.dynamic_int8_linear(
-                rows, self.qweight, self.w_scale, self.w_colsum, None, self.granularity
+                rows, self.qweight, self.w_scale, self.w_colsum, self.bias_value, self.granularity
             )
         else:
-            out = kernels.static_int8_matmul(
-                rows, self.qweight, self.w_scale, self.w_colsum, self.x_scale, self.x_zero
+            out = kernels.static_int8_linear(
+                rows, self.qweight, self.w_scale, self.w_colsum, self.x_scale, self.x_zero, self.bias_value
             )
-        if self.bias_value is not None:
-            out = out + self.bias_value
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[
-            0
-        ] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[
-            1
-        ] + 1
+        ho, wo = (_out_size(size, i, self) for i, size in enumerate((h, w)))
         return out.reshape(n, ho * wo, -1).transpose(1, 2).reshape(n, -1, ho, wo).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, int8 {self.mode}"
+
+
+def _out_size(size: int, i: int, conv: QuantConv2d) -> int:
+    span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+    return (size + 2 * conv.padding[i] - span) // conv.stride[i] + 1
 
 
 class WeightOnlyLinear(_Packed):
