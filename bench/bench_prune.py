@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -26,8 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from slimkit.data import load_mnist
-from slimkit.data.text import read_stsb_file
-from slimkit.metrics import compare_latency, count_macs, count_parameters, evaluate, spearman
+from slimkit.metrics import compare_latency, count_macs, count_parameters, evaluate
 from slimkit.models.builtin import LeNet5, LeNet300100
 from slimkit.prune import (
     GradualConfig,
@@ -102,7 +102,15 @@ def bench_lenet(args, out: dict) -> str:
     drop_long = results["dense, trained as long"]["accuracy"] - results["gradual + fine-tune"]["accuracy"]
     out["lenet"] = {"rows": results, "dense_bytes": dense_bytes, "accuracy_drop": drop,
                     "accuracy_drop_vs_trained_as_long": drop_long, "config": vars(cfg)}  # fmt: skip
-    header = ["model", "weights removed", "test acc %", "sparse file KiB", "+zlib KiB", "dense fp32 / sparse", "reload exact"]
+    header = [
+        "model",
+        "weights removed",
+        "test acc %",
+        "sparse file KiB",
+        "+zlib KiB",
+        "dense fp32 / sparse",
+        "reload exact",
+    ]
     note = (
         f"\ndense fp32 safetensors file: {dense_bytes / 1024:.0f} KiB; accuracy drop after fine-tuning: "
         f"{drop:.2f} points (target <= 0.5; {drop_long:.2f} vs the dense model trained as long); "
@@ -154,7 +162,14 @@ def bench_cnn(args, out: dict) -> str:
         rows.append([name, f"{r['params']:,}", f"{r['macs']:,}", r["accuracy"], f"{stats.median_ms:.2f}",
                      f"{latency.speedups['dense' if name == 'dense' else 'pruned']:.2f}x"])  # fmt: skip
     out["cnn"] = {"rows": results, "accuracy_right_after_pruning": acc_pruned, "widths": summary.groups}
-    header = ["model", "params", "MACs / image", "test acc %", f"latency ms (batch {args.cnn_batch})", "speedup"]
+    header = [
+        "model",
+        "params",
+        "MACs / image",
+        "test acc %",
+        f"latency ms (batch {args.cnn_batch})",
+        "speedup",
+    ]
     note = (
         f"\naccuracy right after pruning (before fine-tuning): {acc_pruned:.2f}%; "
         f"MACs reduced {results['dense']['macs'] / results['50% channels removed']['macs']:.2f}x; "
@@ -167,7 +182,9 @@ def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="shared data folder")
     parser.add_argument("--quick", action="store_true", help="fewer epochs, repeats and criteria")
-    parser.add_argument("--only", nargs="*", default=["lenet", "cnn", "minilm"], choices=["lenet", "cnn", "minilm"])
+    parser.add_argument(
+        "--only", nargs="*", default=["lenet", "cnn", "minilm"], choices=["lenet", "cnn", "minilm"]
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune.json"))
     parser.add_argument("--sparsity", type=float, default=0.92)
     args = parser.parse_args()
@@ -180,18 +197,25 @@ def _args() -> argparse.Namespace:
 
 def machine() -> dict:
     flags = ""
-    try:
+    with contextlib.suppress(OSError):
         flags = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        pass
     wanted = [f for f in ("avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return {"cores": os.cpu_count(), "cpu_flags": wanted, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cores": os.cpu_count(),
+        "cpu_flags": wanted,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def main() -> None:
     args = _args()
     torch.set_num_threads(2)
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "quick": args.quick}
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "quick": args.quick,
+    }
     texts = []
     for name in args.only:
         start = time.perf_counter()

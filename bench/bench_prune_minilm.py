@@ -28,7 +28,13 @@ def encode(model, tok, sentences: list[str], batch_size: int = 64) -> torch.Tens
     with torch.inference_mode():
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
-            b = tok([sentences[j] for j in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            b = tok(
+                [sentences[j] for j in idx],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
             for j, e in zip(idx, model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])):
                 out[j] = e
     return torch.stack(out)
@@ -83,14 +89,21 @@ def prune_minilm(model, criterion: str, sentences, pairs):
 
 def expected_cost(config, batch: int, seq: int, keep: float) -> tuple[int, int]:
     """Analytic parameters and MACs of BERT with ``keep`` of the heads and FFN neurons in every layer."""
-    h, n, f, layers = config.hidden_size, config.num_attention_heads, config.intermediate_size, config.num_hidden_layers
+    h, n, f, layers = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.num_hidden_layers,
+    )
     hd = h // n
     a, ff = round(n * keep) * hd, round(f * keep)
     per_layer = 3 * (h * a + a) + (a * h + h) + (h * ff + ff) + (ff * h + h) + 4 * h  # + 2 LayerNorms
     emb = (config.vocab_size + config.max_position_embeddings + config.type_vocab_size) * h + 2 * h
     params = emb + layers * per_layer + h * h + h  # + pooler
     tokens = batch * seq
-    macs = layers * (tokens * (4 * h * a + 2 * h * ff) + 2 * batch * (a // hd) * seq * seq * hd) + batch * h * h
+    macs = (
+        layers * (tokens * (4 * h * a + 2 * h * ff) + 2 * batch * (a // hd) * seq * seq * hd) + batch * h * h
+    )
     return params, macs
 
 
@@ -118,12 +131,22 @@ def bench_minilm(args, out: dict) -> str:
     scores = {"unpruned": sts_spearman(dense, tok, dev)}
     models, timings, summaries = {}, {}, {}
     for criterion in criteria:
-        models[criterion], summaries[criterion], timings[criterion] = prune_minilm(dense, criterion, sentences, pairs)
+        models[criterion], summaries[criterion], timings[criterion] = prune_minilm(
+            dense, criterion, sentences, pairs
+        )
         scores[criterion] = sts_spearman(models[criterion], tok, dev)
-        print(f"  {criterion}: STS-B dev {scores[criterion]:.2f} (pruned in {timings[criterion]:.0f} s)", flush=True)
+        print(
+            f"  {criterion}: STS-B dev {scores[criterion]:.2f} (pruned in {timings[criterion]:.0f} s)",
+            flush=True,
+        )
     pruned = models[HEADLINE]
-    x = {"input_ids": torch.randint(1000, 20000, (64, 128)), "attention_mask": torch.ones(64, 128, dtype=torch.long)}
-    cost = {name: (count_parameters(m), count_macs(m, x)) for name, m in (("unpruned", dense), ("pruned", pruned))}
+    x = {
+        "input_ids": torch.randint(1000, 20000, (64, 128)),
+        "attention_mask": torch.ones(64, 128, dtype=torch.long),
+    }
+    cost = {
+        name: (count_parameters(m), count_macs(m, x)) for name, m in (("unpruned", dense), ("pruned", pruned))
+    }
     expected = {"unpruned": expected_cost(dense.encoder.config, 64, 128, 1.0),
                 "pruned": expected_cost(dense.encoder.config, 64, 128, 0.5)}  # fmt: skip
     shapes = forward_shapes_ok(pruned)
@@ -139,7 +162,9 @@ def bench_minilm(args, out: dict) -> str:
              f"{sorted(r[name].median_ms for r in runs)[len(runs) // 2]:.0f}",
              f"{sorted(r.speedups[name] for r in runs)[len(runs) // 2]:.2f}x"] for name in ("unpruned", "pruned")]  # fmt: skip
     header = ["model", "params", "GMACs (64x128)", "as expected", "latency ms (64x128, 2 thr)", "speedup"]
-    text = table("all-MiniLM-L6-v2: 50% heads + 50% FFN neurons removed per layer (hidden size kept)", header, rows)
+    text = table(
+        "all-MiniLM-L6-v2: 50% heads + 50% FFN neurons removed per layer (hidden size kept)", header, rows
+    )
     crit_rows = [[c, scores[c], f"{timings.get(c, 0):.0f}"] for c in scores]
     text += "\n\n" + table("STS-B dev Spearman x100, right after pruning (no recovery training)",
                            ["importance", "Spearman", "prune time s"], crit_rows)  # fmt: skip
