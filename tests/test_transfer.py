@@ -203,3 +203,20 @@ def test_existing_head_is_checked_and_kept(tok, data):
     replaced = with_head(hf, HeadConfig(pooling="cls"), data, reset=True)
     assert isinstance(replaced, TaskModel) and replaced.head.num_outputs == 2
     assert replaced.base_model is hf.bert
+
+
+def test_finetune_starts_from_a_slimkit_trained_task_model(encoder, data, tok, tmp_path):
+    from slimkit.utils.io import save_weights
+
+    trained = finetune(encoder, data, _cfg("full", epochs=1), tok).model
+    path = tmp_path / "model.safetensors"
+    save_weights(trained, path)
+    probe = finetune(encoder, data, _cfg("linear_probe", epochs=1, weights=str(path)), tok).model
+    # the frozen encoder is the trained one, not the pretrained one
+    for (name, a), b in zip(probe.backbone.state_dict().items(), trained.backbone.state_dict().values()):
+        assert torch.equal(a, b), name
+    three = toy_bundle(48, classes=3)
+    with pytest.raises(ConfigError, match="weights: .* does not fit the model"):
+        finetune(encoder, three, _cfg("full", epochs=1, weights=str(path)), tok)
+    with pytest.raises(ConfigError, match="weights: file not found"):
+        _cfg("full", weights=str(tmp_path / "missing.safetensors"))

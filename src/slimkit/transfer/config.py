@@ -9,6 +9,7 @@ is checked by the API before the model is touched, and named by its field.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from slimkit.config import in_range, non_negative, one_of, positive, positive_int, require
@@ -89,6 +90,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=_finetune_train)
     head: HeadConfig = field(default_factory=HeadConfig)
     reset_head: bool = False  # replace a head the model already has
+    weights: str | None = None  # a slimkit-trained task model's .safetensors, loaded once the head is on
     head_lr_scale: float = 1.0  # the head's learning rate is lr * head_lr_scale
     unfreeze_every: int = 1
     unfreeze_unit: Literal["epoch", "step"] = "epoch"
@@ -115,6 +117,9 @@ class FinetuneConfig:
             )
         if self.n_train is not None:
             positive_int(self.n_train, "n_train")
+        if self.weights is not None:
+            require(str(self.weights).endswith(".safetensors"), "weights", "must be a .safetensors file")
+            require(Path(self.weights).is_file(), "weights", f"file not found: {self.weights}")
         _check_max_length(self.max_length)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from slimkit.data.base import DataBundle
-from slimkit.errors import ConfigError
+from slimkit.errors import ConfigError, ModelError
 from slimkit.tasks import TaskAdapter, build_task
 from slimkit.train import Callback, Trainer, TrainResult
 from slimkit.transfer.config import FinetuneConfig
@@ -32,6 +32,7 @@ from slimkit.transfer.strategies import (
     set_trainable_,
     trainable_count,
 )
+from slimkit.utils.io import load_weights
 
 
 @dataclass
@@ -88,6 +89,8 @@ def finetune(
     )
     was_training = model.training
     model = with_head(copy.deepcopy(model), config.head, data, config.reset_head)
+    if config.weights is not None:
+        _load_task_weights(model, config.weights)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     groups_fn, extra = _strategy(model, config, len(train_set))
     trainable = trainable_count(model) if config.strategy in ("linear_probe", "lora") else _total(model)
@@ -113,6 +116,13 @@ def finetune(
         p.requires_grad_(flags.get(id(p), p.requires_grad))
     model.train(was_training)
     return FinetuneResult(model, result, trainable, _total(model), notes)
+
+
+def _load_task_weights(model: nn.Module, path: str) -> None:
+    try:
+        load_weights(model, path)
+    except ModelError as err:
+        raise ConfigError("weights", str(err)) from None
 
 
 def _total(model: nn.Module) -> int:
