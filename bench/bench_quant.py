@@ -67,6 +67,18 @@ def packed_batch(tok, rows, n=64, length=128) -> dict[str, torch.Tensor]:
     }
 
 
+def with_padding(example: dict[str, torch.Tensor], pad: int = 16) -> dict[str, torch.Tensor]:
+    """The example with its first row's tail masked out, for export.
+
+    The TorchScript exporter records one path through the model: traced with an
+    all-ones mask, transformers skips masking altogether and the exported graph
+    would ignore padding forever after.
+    """
+    out = {k: v.clone() for k, v in example.items()}
+    out["attention_mask"][0, -pad:] = 0
+    return out
+
+
 def sentence_batches(tok, sentences, batch=64, length=128) -> list[dict[str, torch.Tensor]]:
     """Fixed-shape batches (``batch`` x ``length``; the last one topped up with its own first sentence)."""
     out = []
@@ -114,7 +126,7 @@ def build_peers(model, example, tmp: Path, rows: dict) -> None:
     rows["PyTorch quantize_dynamic"] = (torch_runner(qd), state_bytes(qd.state_dict()), "fbgemm/x86 engine")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    export_onnx(model, example, tmp / "fp32.onnx")
+    export_onnx(model, with_padding(example), tmp / "fp32.onnx")
     quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_q.onnx"), weight_type=QuantType.QInt8)
     ort_q = OrtModule(tmp / "ort_q.onnx")
     rows["ORT quantize_dynamic"] = (lambda b: ort_q(**b), ort_q.file_size(), "per-tensor weights")
@@ -145,7 +157,7 @@ def build_slimkit(model, example, calib, tmp: Path, args, rows: dict, info: dict
     quantize_(q, cfg)
     size = save_quantized(q, tmp / "slimkit_int8.safetensors")
     info["reload_max_abs_diff"] = _reload_check(model, q, tmp / "slimkit_int8.safetensors", example)
-    ort_int8 = to_onnxruntime(q, example, tmp / "slimkit_int8.onnx")
+    ort_int8 = to_onnxruntime(q, with_padding(example), tmp / "slimkit_int8.onnx")
     info["slimkit_int8_onnx_bytes"] = ort_int8.file_size()
     rows["slimkit int8 (ORT kernels)"] = (lambda b: ort_int8(**b), size, "per-channel w, per-tensor act")
     rows["slimkit int8 (torch._int_mm)"] = (torch_runner(q), size, "pure PyTorch path")
@@ -167,7 +179,7 @@ def build_slimkit(model, example, calib, tmp: Path, args, rows: dict, info: dict
     plot = plot_sensitivity(summary["analysis"], args.out.with_name("quant_sensitivity.png"))
     info["sensitivity_plot"] = str(plot)
     size = save_quantized(mixed, tmp / "slimkit_mixed.safetensors")
-    ort_mixed = to_onnxruntime(mixed, example, tmp / "slimkit_mixed.onnx")
+    ort_mixed = to_onnxruntime(mixed, with_padding(example), tmp / "slimkit_mixed.onnx")
     kept = len(summary["analysis"]["high"])
     rows["slimkit mixed (ORT kernels)"] = (lambda b: ort_mixed(**b), size, f"{kept} layers kept fp32")
 

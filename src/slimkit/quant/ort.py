@@ -13,6 +13,10 @@ SmoothQuant factors, kept-float layers and int8 embedding tables come from
 node holding those very codes. A *copy* of the model is exported in eval mode
 (the TorchScript exporter leaves a model in training mode otherwise, and
 dropout would then run), so the given model is left as it was.
+
+Export traces one path through the model: give an example whose attention
+mask has padding, or transformers (which skips masking for all-ones masks)
+exports a graph that ignores padding.
 """
 
 from __future__ import annotations
