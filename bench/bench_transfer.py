@@ -199,6 +199,7 @@ def _mt_vs_single(args, model, tok, tasks: dict[str, DataBundle], weightings) ->
             [TaskSpec(name) for name in tasks],
             weighting=weighting,
             weighting_lr=0.01,
+            head_lr_scale=20.0,
             head=HeadConfig(),
             steps_per_epoch=single_steps // args.epochs,
             max_length=args.max_length,

@@ -160,6 +160,7 @@ class MultiTaskConfig:
     weighting: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
     gradnorm_alpha: float = 1.5
     weighting_lr: float = 0.01  # learning rate of learned loss weights (uncertainty, gradnorm)
+    head_lr_scale: float = 1.0  # the heads' learning rate is lr * head_lr_scale
     sampling: Literal["proportional", "temperature"] = "proportional"
     temperature: float = 2.0
     steps_per_epoch: int | None = None
@@ -181,6 +182,7 @@ class MultiTaskConfig:
         one_of(self.sampling, "sampling", ("proportional", "temperature"))
         non_negative(self.gradnorm_alpha, "gradnorm_alpha")
         positive(self.weighting_lr, "weighting_lr")
+        positive(self.head_lr_scale, "head_lr_scale")
         positive(self.temperature, "temperature")
         require(
             self.head.num_labels is None, "head.num_labels", "set num_labels per task (tasks[i].num_labels)"

@@ -251,7 +251,7 @@ def train_multitask(
         loss_fn=lambda out, b: out.loss,
         collate_fn=mixed_collate(tokenizer, [tasks[n].train for n in names], max_length),
         evaluate=(lambda m: _val_metrics(m.model, tasks, tokenizer, max_length)) if has_val else None,
-        param_groups=lambda m: _groups(m, config.weighting_lr / cfg.lr),
+        param_groups=lambda m: _groups(m, config.weighting_lr / cfg.lr, config.head_lr_scale),
     )
     result = trainer.fit(batches)
     mt_model.train(model.training)
@@ -263,9 +263,10 @@ def train_multitask(
     return MultiTaskResult(mt_model, result, metrics, objective.weighting.current(), notes)
 
 
-def _groups(objective: MultiTaskObjective, weighting_scale: float) -> list[dict]:
+def _groups(objective: MultiTaskObjective, weighting_scale: float, head_scale: float) -> list[dict]:
     return [
-        {"params": list(objective.model.parameters()), "lr_scale": 1.0},
+        {"params": list(objective.model.backbone.parameters()), "lr_scale": 1.0},
+        {"params": list(objective.model.heads.parameters()), "lr_scale": head_scale},
         {"params": list(objective.weighting.parameters()), "lr_scale": weighting_scale, "weight_decay": 0.0},
     ]
 
