@@ -53,8 +53,8 @@ class QSpec:
         return 2 ** (self.bits - 1) - 1
 
 
-def _grouped(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
-    """View ``x`` so that the reduction for one scale runs over the last dimension."""
+def rows_view(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """``x`` as a 2-D view with one row per quantization parameter (row-major over the param shape)."""
     if spec.granularity == "tensor":
         return x.reshape(1, -1)
     moved = x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
@@ -64,7 +64,7 @@ def _grouped(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
         raise ValueError(
             f"group_size {spec.group_size} does not divide the {moved.shape[1]} values of each channel"
         )
-    return moved.reshape(moved.shape[0], -1, spec.group_size)
+    return moved.reshape(-1, spec.group_size)
 
 
 def param_shape(x_shape: torch.Size | tuple[int, ...], spec: QSpec) -> tuple[int, ...]:
@@ -82,8 +82,8 @@ def param_shape(x_shape: torch.Size | tuple[int, ...], spec: QSpec) -> tuple[int
 
 def minmax(x: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-granularity minimum and maximum of ``x`` (shaped as :func:`param_shape`)."""
-    g = _grouped(x.detach().float(), spec)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    rows = rows_view(x.detach().float(), spec)
+    lo, hi = rows.amin(dim=-1), rows.amax(dim=-1)
     shape = param_shape(x.shape, spec)
     return lo.reshape(shape), hi.reshape(shape)
 

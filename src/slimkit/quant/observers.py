@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.quant.affine import QSpec, dequantize, minmax, param_shape, qparams, quantize
+from slimkit.quant.affine import QSpec, dequantize, minmax, param_shape, qparams, quantize, rows_view
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
 _SAMPLE = 1 << 16  # values kept per batch by sampling observers: enough for a stable estimate
@@ -78,7 +78,7 @@ class PercentileObserver(Observer):
         self._sum_hi: torch.Tensor | None = None
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = _rows(x, self.spec)
+        rows = rows_view(x, self.spec)
         rows = _subsample(rows)
         lo = torch.quantile(rows, 1.0 - self.q, dim=-1)
         hi = torch.quantile(rows, self.q, dim=-1)
@@ -102,7 +102,7 @@ class MSEObserver(Observer):
 
     def update(self, x: torch.Tensor) -> None:
         super().update(x)
-        self._samples.append(_subsample(_rows(x.detach().float(), self.spec)))
+        self._samples.append(_subsample(rows_view(x.detach().float(), self.spec)))
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.range()
@@ -118,16 +118,6 @@ class MSEObserver(Observer):
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, factor, best)
         return qparams(lo * best.reshape(lo.shape), hi * best.reshape(hi.shape), self.spec)
-
-
-def _rows(x: torch.Tensor, spec: QSpec) -> torch.Tensor:
-    """One row of values per quantization parameter."""
-    if spec.granularity == "tensor":
-        return x.reshape(1, -1)
-    moved = x.movedim(spec.axis, 0).reshape(x.shape[spec.axis], -1)
-    if spec.granularity == "channel":
-        return moved
-    return moved.reshape(-1, spec.group_size)
 
 
 def _subsample(rows: torch.Tensor) -> torch.Tensor:
