@@ -48,8 +48,8 @@ def test_finetune_steps_source_then_target(tmp_path, tiny_folder, data_dir, caps
             "name": "yelp",
             "strategy": "full",
             "data": {"name": "sentiment", "path": str(data_dir), "domain": "yelp"},
-            "n_train": 160,
-            "train": TRAIN,
+            "n_train": 96,
+            "train": dict(TRAIN, epochs=1),
         },
         {"type": "finetune", "name": "amazon_lora", "strategy": "lora", "n_train": 64, "train": TRAIN},
     ]
@@ -58,7 +58,7 @@ def test_finetune_steps_source_then_target(tmp_path, tiny_folder, data_dir, caps
     rows = json.loads((tmp_path / "run" / "report.json").read_text())["rows"]
     assert [r["step"] for r in rows] == ["yelp", "amazon_lora"]
     first, second = rows[0]["extra"], rows[1]["extra"]
-    assert first["train_data"] == "sentiment-yelp" and first["n_train"] == 160
+    assert first["train_data"] == "sentiment-yelp" and first["n_train"] == 96
     assert second["train_data"] == "sentiment-amazon" and second["n_train"] == 64
     assert second["lora_merged_layers"] == 4 and second["trainable_params"] < first["trainable_params"]
     # a merged LoRA model has exactly the parameters of the model it started from
