@@ -220,3 +220,14 @@ def test_finetune_starts_from_a_slimkit_trained_task_model(encoder, data, tok, t
         finetune(encoder, three, _cfg("full", epochs=1, weights=str(path)), tok)
     with pytest.raises(ConfigError, match="weights: file not found"):
         _cfg("full", weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_regression_head_with_hidden_layer(encoder, tok):
+    data = toy_bundle(64, score=True)
+    cfg = _cfg("full", epochs=4, head=HeadConfig(hidden=16))
+    result = finetune(encoder, data, cfg, tok)
+    assert result.model.head.num_outputs == 1
+    assert result.model.head.net[1].out_features == 16
+    metrics = build_task(data, tok, max_length=16).evaluate(result.model, data.test)
+    assert metrics["spearman"] >= 0.6  # the score is mostly its two-level class (max ~0.87)
+    assert result.train.best_epoch is not None  # validated on val "loss" (the MSE for regression)
