@@ -21,8 +21,10 @@ from slimkit.distill.hooks import Taps, attention_modules, resolve_layer_map
 from slimkit.distill.losses import attention_loss, kd_loss, masked_match_loss, match_loss, projection
 from slimkit.errors import ConfigError
 from slimkit.metrics.modes import eval_mode
+from slimkit.train import distributed
 from slimkit.train.callbacks import Callback
 from slimkit.train.trainer import default_forward
+from slimkit.utils.batch import batch_len
 
 
 def output_tensors(outputs: Any) -> list[torch.Tensor]:
@@ -59,8 +61,8 @@ class DistillationCallback(Callback):
         self.attention_map: dict[str, str] = {}
         self.cache = TeacherCache(config.cache) if config.cache else None
         self.terms: dict[str, float] = {}
-        self._sums: dict[str, float] = {}
-        self._steps = 0
+        self._sums: dict[str, float] = {}  # sample-weighted sums of the terms over this epoch
+        self._samples = 0
         self._taps: tuple[Taps, Taps] | None = None
         self._teacher_mode: contextlib.AbstractContextManager | None = None
 
@@ -118,10 +120,10 @@ class DistillationCallback(Callback):
         self._teacher_mode.__enter__()
         self._taps = self._make_taps(student, train_only=True)
         self._add_to_optimizer(trainer)
-        self._sums, self._steps = {}, 0
+        self._sums, self._samples = {}, 0
 
     def on_epoch_begin(self, trainer) -> None:
-        self._sums, self._steps = {}, 0
+        self._sums, self._samples = {}, 0
 
     def on_loss(self, trainer, batch: Any, outputs: Any, loss: torch.Tensor) -> torch.Tensor:
         s_taps, _ = self._taps
@@ -137,12 +139,21 @@ class DistillationCallback(Callback):
             total = total + cfg.hidden_weight * terms["hidden"]
         if "attention" in terms:
             total = total + cfg.attention_weight * terms["attention"]
-        self._record(terms, loss)
+        self._record(terms, loss, batch_len(batch))
         return total
+
+    def on_after_backward(self, trainer) -> None:
+        # Projections live outside the student (and its DDP wrapper): average their gradients like DDP does.
+        distributed.average_gradients(self.projections.parameters(), distributed.current(init=False))
 
     def on_epoch_end(self, trainer, metrics: dict[str, float]) -> None:
         # The history dict is the one the trainer keeps, so the terms land in TrainResult.history.
-        metrics.update({f"distill_{k}": v / max(self._steps, 1) for k, v in self._sums.items()})
+        # Summed over ranks under torchrun, so every rank logs the mean over all samples.
+        names = sorted(self._sums)
+        sums = distributed.sum_across(
+            [self._sums[k] for k in names] + [self._samples], distributed.current(False)
+        )
+        metrics.update({f"distill_{k}": v / max(sums[-1], 1) for k, v in zip(names, sums)})
 
     def on_train_end(self, trainer) -> None:
         if self._taps is not None:
@@ -264,12 +275,12 @@ class DistillationCallback(Callback):
                 losses.append(masked_match_loss(s, t, mask, self.config.hidden_loss))
         return torch.stack(losses).mean()
 
-    def _record(self, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+    def _record(self, terms: dict[str, torch.Tensor], loss: torch.Tensor, n: int) -> None:
         self.terms = {k: float(v.detach()) for k, v in terms.items()}
         self.terms["task"] = float(loss.detach())
         for k, v in self.terms.items():
-            self._sums[k] = self._sums.get(k, 0.0) + v
-        self._steps += 1
+            self._sums[k] = self._sums.get(k, 0.0) + v * n
+        self._samples += n
 
 
 def _width(t: torch.Tensor) -> int:

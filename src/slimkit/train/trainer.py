@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from slimkit.train import distributed
 from slimkit.train.callbacks import Callback
 from slimkit.train.checkpoint import load_checkpoint, save_checkpoint
 from slimkit.train.config import TrainConfig
@@ -98,6 +99,8 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.state: dict = {}
         self._best_weights: dict[str, torch.Tensor] | None = None
+        self._dist: distributed.DistEnv | None = None  # set under torchrun (see distributed.py)
+        self._net: nn.Module = model  # what forward passes run through: the model or its DDP wrapper
 
     # -- public -----------------------------------------------------------
     @property
@@ -109,6 +112,8 @@ class Trainer:
     ) -> TrainResult:
         was_training = self.model.training
         self._setup(train_data, resume_from)
+        self._dist = distributed.current()
+        self._net = distributed.wrap(self.model, self._dist)
         evaluate = self._evaluate or (self._default_evaluator(val_data) if val_data is not None else None)
         for cb in self.callbacks:
             cb.on_train_begin(self)
@@ -125,7 +130,12 @@ class Trainer:
     def save_checkpoint(self, folder: str | Path) -> Path:
         """Everything needed to resume exactly: weights, optimizer, RNG, counters, callbacks."""
         state = dict(self.state, callbacks=[cb.state_dict() for cb in self.callbacks])
-        return save_checkpoint(folder, self.model, self.optimizer, state, self._best_weights)
+        if self._dist is not None and not self._dist.is_main:  # one writer under torchrun
+            distributed.barrier(self._dist)
+            return Path(folder)
+        path = save_checkpoint(folder, self.model, self.optimizer, state, self._best_weights)
+        distributed.barrier(self._dist)
+        return path
 
     # -- set-up -----------------------------------------------------------
     def _setup(self, train_data: Dataset, resume_from: str | Path | None) -> None:
@@ -160,7 +170,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         order = torch.randperm(len(train_data), generator=gen).tolist()
         bs = self.config.batch_size
-        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+        batches = distributed.shard_batches([order[i : i + bs] for i in range(0, len(order), bs)], self._dist)
         # The loader gets its own generator: drawing its worker seed from the global RNG would
         # shift the dropout masks of a resumed run against an uninterrupted one.
         return DataLoader(
@@ -215,20 +225,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             factor = lr_factor(cfg, st["global_step"], self.steps_per_epoch, self.total_steps)
             group["lr"] = cfg.lr * group.get("lr_scale", 1.0) * factor
-        outputs = self.forward(self.model, batch)
+        outputs = self.forward(self._net, batch)
         loss = self.loss_fn(outputs, batch)
         for cb in self.callbacks:
             loss = cb.on_loss(self, batch, outputs, loss)
         penalty = regularization(self.model, cfg)
         total = loss if penalty is None else loss + penalty
+        n = batch_len(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        (total * distributed.mean_loss_scale(n, self._dist, device)).backward()
         for cb in self.callbacks:
             cb.on_after_backward(self)
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        n = batch_len(batch)
         st["global_step"] += 1
         st["step_in_epoch"] += 1
         st["epoch_loss_sum"] += float(loss.detach()) * n
@@ -240,9 +250,12 @@ class Trainer:
 
     def _end_epoch(self, evaluate: Callable | None, samples_per_s: float) -> None:
         cfg, st = self.config, self.state
+        loss_sum, samples, samples_per_s = distributed.sum_across(
+            [st["epoch_loss_sum"], st["epoch_samples"], samples_per_s], self._dist
+        )
         metrics = {
             "epoch": st["epoch"] + 1,
-            "train_loss": st["epoch_loss_sum"] / max(st["epoch_samples"], 1),
+            "train_loss": loss_sum / max(samples, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": samples_per_s,
         }
