@@ -231,7 +231,8 @@ def part_domains(args, model, tok) -> dict:
     figures: dict = {"source_yelp_accuracy": source_acc, "targets": {}}
     rows = []
     for domain in ("amazon", "imdb"):
-        target = load_sentiment(args.data, domain, seed=args.seed)
+        # No validation split: choosing epochs on 100 more labelled sentences would not be few-shot.
+        target = DataBundle(**{**load_sentiment(args.data, domain, seed=args.seed).__dict__, "val": None})
         for n in args.shots:
             cfg = FinetuneConfig(
                 strategy="full", n_train=n, head_lr_scale=20.0, train=train_config(args, 10, 3e-5)
