@@ -83,7 +83,10 @@ class FinetuneConfig:
     steps), ``discriminative`` (layer ``k`` below the top trains at
     ``lr * layer_lr_decay**k``) or ``lora``. ``data`` trains on another data
     set than the recipe's (a source task); ``n_train`` keeps that many
-    training examples, balanced over classes (few-shot adaptation).
+    training examples, balanced over classes (few-shot adaptation). ``train`` is the
+    training core's :class:`TrainConfig`: in a recipe, fields left out of ``train:``
+    take *its* defaults (``lr: 0.001``), so set ``lr`` there (about 5e-5 for full
+    fine-tuning of a BERT-size encoder).
     """
 
     strategy: Literal["linear_probe", "full", "gradual", "discriminative", "lora"] = "full"
