@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from slimkit.recipes.registry import step_type
 from slimkit.recipes.schema import Recipe
 from slimkit.report import Report
 from slimkit.tasks import TaskAdapter, build_task
+from slimkit.train import distributed
 from slimkit.utils.io import atomic_path
 
 
@@ -41,7 +43,15 @@ class Snapshot:
 
 
 def run_recipe(recipe: Recipe, progress: bool = True) -> Path:
-    out = Path(recipe.output)
+    if not distributed.is_main_process(distributed.current()):
+        # Under torchrun every rank runs every step (training is data-parallel); only rank 0 keeps a folder.
+        with tempfile.TemporaryDirectory(prefix="slimkit-rank-") as scratch:
+            _run_into(recipe, Path(scratch) / "run", progress=False)
+        return Path(recipe.output)
+    return _run_into(recipe, Path(recipe.output), progress)
+
+
+def _run_into(recipe: Recipe, out: Path, progress: bool) -> Path:
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         log = _logger(tmp / "run.log", progress)

@@ -67,8 +67,9 @@ def init_process_group(backend: str | None = None) -> None:
     dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
 
 
-def is_main_process() -> bool:
-    env = current(init=False)
+def is_main_process(env: DistEnv | None = None) -> bool:
+    """True for rank 0, and for a process that is not part of a group."""
+    env = env or current(init=False)
     return env is None or env.is_main
 
 
