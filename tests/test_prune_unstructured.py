@@ -164,3 +164,23 @@ def test_load_sparse_rejects_wrong_model(tmp_path):
     with pytest.raises(ModelError, match="does not fit"):
         load_sparse(model, tmp_path / "w.safetensors")
     assert torch.equal(before, model.net[1].weight)
+
+
+def test_iterative_prune_and_retrain_cycles():
+    from slimkit.prune import iterative_sparsities, prune_iteratively_
+
+    targets = iterative_sparsities(0.9, 3)
+    assert targets[-1] == pytest.approx(0.9) and targets == sorted(targets)
+    assert 1 - targets[0] == pytest.approx(0.1 ** (1 / 3))
+    model = _mlp()
+    data = TensorDataset(torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,)))
+    seen = []
+
+    def retrain(m, callback):
+        cfg = TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, progress=False)
+        Trainer(m, cfg, callbacks=[callback]).fit(data)
+        seen.append(_zeros(m.net[1].weight) / m.net[1].weight.numel())
+
+    masks = prune_iteratively_(model, MagnitudeConfig(sparsity=0.9, include=["net.1"]), 3, retrain)
+    assert seen == pytest.approx(targets, abs=1e-3)
+    assert masks.sparsity() == pytest.approx(0.9, abs=1e-3)
