@@ -55,3 +55,14 @@ def test_quantize_step_runs_and_writes_packed_weights(tmp_path):
     assert quantized["extra"]["quant_method"] == "int8_static" and quantized["extra"]["quantized_layers"] == 4
     assert quantized["size_bytes"] < trained["size_bytes"] / 3  # int8 codes on disk, not float
     assert abs(quantized["metrics"]["accuracy"] - trained["metrics"]["accuracy"]) <= 0.02
+
+
+def test_mixed_quantize_step_saves_the_sensitivity_plot(tmp_path):
+    low = {"method": "int8_dynamic", "activation_granularity": "tensor"}
+    raw = _raw(tmp_path, {"method": "mixed", "low": low, "max_high_layers": 1, "calibration_samples": 64})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path), "--quiet"]) == 0
+    row = json.loads((tmp_path / "run" / "report.json").read_text())["rows"][1]
+    assert len(row["extra"]["mixed_kept"]) == 1 and row["extra"]["kept_float"] == row["extra"]["mixed_kept"]
+    assert (tmp_path / "run" / row["extra"]["sensitivity_plot"]).stat().st_size > 1000

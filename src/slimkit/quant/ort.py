@@ -87,6 +87,53 @@ def export_onnx(
     return Path(path)
 
 
+def share_input_quantization(path: str | os.PathLike) -> int:
+    """Quantize an activation once for all the int8 MatMuls that read it (attention's Q, K and V).
+
+    Each ``DynamicQuantizeMatMul`` quantizes its own input; where several read
+    the same tensor, one ``DynamicQuantizeLinear`` feeds ``MatMulIntegerToFloat``
+    nodes instead: the same arithmetic, two fewer passes over the activations
+    per attention block. Returns the number of nodes rewritten.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    nodes = list(model.graph.node)
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        if node.op_type == "DynamicQuantizeMatMul" and node.domain == "com.microsoft":
+            readers.setdefault(node.input[0], []).append(i)
+    replaced: dict[int, list] = {}
+    for source, idx in readers.items():
+        if len(idx) < 2:
+            continue
+        tag = f"{source}_shared_q"
+        quant = helper.make_node(
+            "DynamicQuantizeLinear", [source], [f"{tag}", f"{tag}_scale", f"{tag}_zero"], name=f"{tag}_node"
+        )
+        for n, i in enumerate(idx):
+            node = nodes[i]
+            a, b, b_scale, b_zero, *bias = node.input
+            inputs = [tag, b, f"{tag}_scale", b_scale, f"{tag}_zero", b_zero, *bias]
+            new = helper.make_node(
+                "MatMulIntegerToFloat",
+                inputs,
+                list(node.output),
+                name=f"{node.name}_shared",
+                domain="com.microsoft",
+            )
+            replaced[i] = [quant, new] if n == 0 else [new]
+    if not replaced:
+        return 0
+    order = [new for i, node in enumerate(nodes) for new in replaced.get(i, [node])]
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return len(replaced)
+
+
 def ort_session(path: str | os.PathLike, threads: int = 2):
     import onnxruntime as ort
 
@@ -132,4 +179,5 @@ def to_onnxruntime(
 ) -> OrtModule:
     """Export ``model`` (float or slimkit-quantized) and load it in an ONNX Runtime session."""
     export_onnx(model, example_inputs, path, output_fn)
+    share_input_quantization(path)
     return OrtModule(path, threads)

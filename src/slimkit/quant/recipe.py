@@ -101,7 +101,8 @@ def run_quantize(ctx, config) -> None:
         from slimkit.quant.sensitivity import plot_sensitivity
 
         plot = plot_sensitivity(summary["analysis"], ctx.run_dir / "quant_sensitivity.png")
-        ctx.notes.update(sensitivity_plot=str(plot), mixed_kept=summary["analysis"]["high"])
+        # Relative to the run folder (which is renamed into place when the run ends).
+        ctx.notes.update(sensitivity_plot=plot.name, mixed_kept=summary["analysis"]["high"])
     ctx.log.info(
         "quantize: %s, %d layers quantized, %d kept float",
         quant.method,
