@@ -21,10 +21,12 @@ from slimkit.distill import (
     kd_loss,
     layer_dropped_student,
     match_loss,
+    pruned_student,
     uniform_layer_map,
 )
 from slimkit.distill.losses import attention_loss
 from slimkit.errors import ConfigError
+from slimkit.metrics import count_parameters
 from slimkit.models import DigitsCNN
 from slimkit.train import TrainConfig, Trainer
 
@@ -153,6 +155,25 @@ def test_layer_dropped_student_rejects_bad_indices():
     with pytest.raises(ConfigError, match="layers_every"):
         layer_dropped_student(teacher, every=0)
     assert len(find_layer_list(layer_dropped_student(teacher, keep=[3]))[1]) == 1
+
+
+def test_pruned_student_is_a_smaller_copy_and_recovers(digits_teacher):
+    from slimkit.prune import StructuredConfig
+
+    data, teacher = digits_teacher
+    before = copy.deepcopy(teacher.state_dict())
+    example = torch.stack([data.train[i][0] for i in range(8)])
+    student = pruned_student(teacher, StructuredConfig(ratio=0.75), example_inputs=example)
+    assert count_parameters(student) < 0.3 * count_parameters(teacher)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k])
+    x, y = _stack(data.test)
+    with torch.no_grad():
+        pruned_acc = (student.eval()(x).argmax(1) == y).float().mean().item()
+    distill(student, teacher, data.train, DistillConfig(), TrainConfig(epochs=3, lr=3e-3, progress=False))
+    with torch.no_grad():
+        recovered_acc = (student.eval()(x).argmax(1) == y).float().mean().item()
+    assert recovered_acc > max(pruned_acc + 0.05, 0.9), (pruned_acc, recovered_acc)
 
 
 # -- the callback on the one loop --------------------------------------------------------

@@ -53,6 +53,7 @@ def test_distill_step_report_row_is_the_student(tmp_path, capsys):
         ({"student": {"builtin": "resnet"}}, "steps[1].student.builtin: must be one of"),
         ({"student": {"builtin": "mlp", "layers_every": 2}}, "steps[1].student.builtin: name the student"),
         ({"student": {"layers_every": 0}}, "steps[1].student.layers_every: must be a positive integer"),
+        ({"student": {"prune": {"ratio": 1.5}}}, "steps[1].student.prune.ratio: must be in"),
         ({"student": "current", "teacher": {"builtin": "nope"}}, "steps[1].teacher.builtin: must be one of"),
         ({"student": {"layers_every": 2}, "temperature": 0}, "steps[1].temperature: must be > 0"),
         ({"student": {"layers_every": 2}, "alpha": 1.5}, "steps[1].alpha: must be in"),

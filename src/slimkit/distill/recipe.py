@@ -4,7 +4,8 @@ YAML::
 
     - type: distill
       teacher: self                    # the model before this step (default), or a model mapping
-      student: {builtin: digits_cnn, kwargs: {width: 8}}   # or {layers_every: 2} or "current"
+      student: {builtin: digits_cnn, kwargs: {width: 8}}   # or {layers_every: 2}, {prune: {ratio: 0.5}}
+                                                            # or "current"
       temperature: 4
       alpha: 0.9
       train: {epochs: 10, lr: 0.003}
@@ -26,7 +27,7 @@ import torch
 from slimkit.config import from_dict, positive_int, require
 from slimkit.distill.callback import DistillationCallback
 from slimkit.distill.config import DistillConfig
-from slimkit.distill.students import layer_dropped_student, student_models
+from slimkit.distill.students import layer_dropped_student, pruned_student, student_models
 from slimkit.models.loading import ModelConfig, load_model
 from slimkit.recipes.registry import StepType
 from slimkit.train import TrainConfig
@@ -36,21 +37,28 @@ AUTO_OUTPUT_LOSS = {"classification": "kd", "similarity": "cosine", "regression"
 
 @dataclass
 class StudentSpec:
-    """Exactly one of ``builtin`` (with ``kwargs``) or ``layers_every`` (with ``layers_start``/``keep``)."""
+    """Exactly one of ``builtin`` (with ``kwargs``), ``layers_every`` (with ``layers_start``/``keep``)
+    or ``prune`` (a structured-pruning config applied to a copy of the teacher)."""
 
     builtin: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     layers_every: int | None = None
     layers_start: int = 0
     keep: list[int] | None = None
+    prune: Any = None  # slimkit.prune.StructuredConfig fields
 
     def __post_init__(self):
-        from_teacher = self.layers_every is not None or self.keep is not None
+        kinds = [self.builtin is not None, self.layers_every is not None or self.keep is not None]
+        kinds.append(self.prune is not None)
         require(
-            (self.builtin is not None) != from_teacher,
+            sum(kinds) == 1,
             "builtin",
-            "name the student with exactly one of builtin or layers_every/keep",
+            "name the student with exactly one of builtin, layers_every/keep or prune",
         )
+        if self.prune is not None:
+            from slimkit.prune.config import StructuredConfig
+
+            self.prune = from_dict(StructuredConfig, self.prune, "prune")
         if self.builtin is not None:
             models = student_models()
             require(
@@ -131,6 +139,10 @@ def build_student(ctx, spec: StudentSpec | str, teacher: torch.nn.Module) -> tor
 
         cls = student_models()[spec.builtin]
         return cls(**_builtin_kwargs(cls, spec.kwargs, ctx.data.num_classes, ctx.data.input_shape))
+    if spec.prune is not None:
+        n = spec.prune.calibration_batches * 32
+        batches = ctx.calibration_batches(n, batch_size=32)
+        return pruned_student(teacher, spec.prune, calibration=batches, forward=ctx.task.forward)
     return layer_dropped_student(
         teacher, every=spec.layers_every or 1, start=spec.layers_start, keep=spec.keep
     )

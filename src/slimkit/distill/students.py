@@ -96,6 +96,22 @@ def layer_dropped_student(
     return student
 
 
+def pruned_student(
+    teacher: nn.Module, config, calibration=None, example_inputs=None, forward=None
+) -> nn.Module:
+    """A structurally pruned copy of ``teacher`` (channels/neurons/heads removed; see slimkit.prune).
+
+    Distilling it from the unpruned teacher recovers what pruning lost.
+    """
+    from slimkit.prune.structured import prune_structured_
+
+    student = copy.deepcopy(teacher)
+    prune_structured_(
+        student, config, calibration=calibration, example_inputs=example_inputs, forward=forward
+    )
+    return student
+
+
 def _renumber(blocks: list[nn.Module]) -> None:
     """Blocks that know their own index (for key/value caches) get their new one."""
     for i, block in enumerate(blocks):

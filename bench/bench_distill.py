@@ -1,0 +1,329 @@
+"""Distillation benchmarks.
+
+    .venv/bin/python bench/bench_distill.py hinton --data ../shared/data
+    .venv/bin/python bench/bench_distill.py minilm --data ../shared/data
+    .venv/bin/python bench/bench_distill.py recover --data ../shared/data
+
+hinton:  Hinton et al. (2015) on MNIST: a large MLP teacher (1200-1200, dropout, jittered inputs) and a
+         small student (800-800, no regularisation) trained on hard labels alone or with soft targets.
+minilm:  all-MiniLM-L6-v2 teaches a 3-layer student built from every other teacher layer, by embedding
+         distillation on unlabeled sentences (STS-B train and the other text sets); STS-B dev Spearman and
+         latency (batch 64 x 128 tokens, 2 threads) of teacher and student measured in the same run.
+recover: the MiniLM pruned as in bench_prune_minilm.py (50% FFN neurons, 50% heads) recovered by
+         distillation from the unpruned teacher.
+
+Each prints a table and writes the figures to bench/results/distill_<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from slimkit.data import load_mnist
+from slimkit.distill import MLP, DistillConfig, distill
+from slimkit.metrics import count_parameters
+from slimkit.train import TrainConfig, Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def save(name: str, figures: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"distill_{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+# -- 1. Hinton's MNIST ---------------------------------------------------------------------------------
+class Jittered(Dataset):
+    """Images shifted by up to ``pixels`` in each direction (zero fill), freshly drawn on every access."""
+
+    def __init__(self, base: TensorDataset, pixels: int = 2):
+        self.x, self.y = base.tensors
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        dx, dy = torch.randint(-self.pixels, self.pixels + 1, (2,)).tolist()
+        img = torch.roll(self.x[i], shifts=(dy, dx), dims=(1, 2))
+        if dy > 0:
+            img[:, :dy] = 0
+        elif dy < 0:
+            img[:, dy:] = 0
+        if dx > 0:
+            img[:, :, :dx] = 0
+        elif dx < 0:
+            img[:, :, dx:] = 0
+        return img, self.y[i]
+
+
+def test_errors(model: torch.nn.Module, data: TensorDataset) -> int:
+    x, y = data.tensors
+    with torch.no_grad():
+        return int((model.eval()(x).argmax(1) != y).sum())
+
+
+def hinton(args) -> dict:
+    bundle = load_mnist(args.data, seed=0)
+    train_cfg = dict(
+        batch_size=128, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False
+    )
+    torch.manual_seed(0)
+    teacher = MLP(784, 10, hidden=(1200, 1200), dropout=0.5, input_dropout=0.2)
+    t0 = time.perf_counter()
+    Trainer(teacher, TrainConfig(epochs=args.teacher_epochs, seed=0, **train_cfg)).fit(Jittered(bundle.train))
+    teacher_time = time.perf_counter() - t0
+    rows = [
+        [
+            "teacher 1200-1200 (dropout, jitter)",
+            count_parameters(teacher),
+            test_errors(teacher, bundle.test),
+            "-",
+        ]
+    ]
+    figures = {"teacher": {"errors": rows[0][2], "train_s": teacher_time}, "students": []}
+    for seed in range(args.seeds):
+        for name, soft in (("hard labels", False), (f"soft targets T={args.temperature:g}", True)):
+            torch.manual_seed(100 + seed)
+            student = MLP(784, 10, hidden=(800, 800))
+            cfg = TrainConfig(epochs=args.student_epochs, seed=seed, **train_cfg)
+            t0 = time.perf_counter()
+            if soft:
+                kd = DistillConfig(temperature=args.temperature, alpha=args.alpha)
+                distill(student, teacher, bundle.train, kd, cfg)
+            else:
+                Trainer(student, cfg).fit(bundle.train)
+            errors = test_errors(student, bundle.test)
+            figures["students"].append(
+                {"seed": seed, "soft": soft, "errors": errors, "train_s": time.perf_counter() - t0}
+            )
+            rows.append([f"student 800-800, {name}", count_parameters(student), errors, seed])
+            print(f"  seed {seed} {name}: {errors} errors", file=sys.stderr, flush=True)
+    n_test = len(bundle.test)
+    for soft in (False, True):
+        errs = [s["errors"] for s in figures["students"] if s["soft"] == soft]
+        figures["mean_hard" if not soft else "mean_soft"] = sum(errs) / len(errs)
+    print(f"\nMNIST ({len(bundle.train)} train images, {n_test} test images; errors out of {n_test})")
+    print(table(["model", "params", "test errors", "seed"], rows))
+    print(
+        f"\nmean errors over {args.seeds} seed(s): hard labels {figures['mean_hard']:.1f}, "
+        f"soft targets {figures['mean_soft']:.1f}; teacher {figures['teacher']['errors']}"
+    )
+    figures["config"] = _config(args)
+    return figures
+
+
+# -- 2. and 3. MiniLM ------------------------------------------------------------------------------------
+def unlabeled_sentences(root: str) -> list[str]:
+    """Distinct sentences of STS-B train and the other labelled text sets (labels unused); STS-B dev excluded."""
+    from slimkit.data import load_sentiment, load_sst2, load_trec
+    from slimkit.data.text import read_stsb_file
+
+    texts = [
+        t for r in read_stsb_file(Path(root) / "stsb" / "sts-train.csv") for t in (r["text"], r["text_pair"])
+    ]
+    bundles = [load_sentiment(root, d) for d in ("amazon", "imdb", "yelp")] + [
+        load_sst2(root),
+        load_trec(root),
+    ]
+    for b in bundles:
+        for split in (b.train, b.val, b.test):
+            texts += [split[i]["text"] for i in range(len(split))] if split is not None else []
+    return sorted({t.strip() for t in texts if t.strip()})
+
+
+def sts_dev(root: str, tok):
+    from slimkit.data import load_stsb
+    from slimkit.tasks import build_task
+
+    bundle = load_stsb(root)
+    task = build_task(bundle, tok)
+    return lambda model: task.evaluate(model, bundle.test)["spearman"]
+
+
+def latency_batch(root: str, tok) -> dict[str, torch.Tensor]:
+    """64 STS-B dev sentences padded to 128 tokens: the batch the speed targets are stated for."""
+    from slimkit.data.text import read_stsb_file
+
+    rows = read_stsb_file(Path(root) / "stsb" / "sts-dev.csv")[:64]
+    enc = tok(
+        [r["text"] for r in rows], padding="max_length", truncation=True, max_length=128, return_tensors="pt"
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def embedding_distill(student, teacher, tok, sentences, args) -> dict:
+    """Train ``student`` towards the teacher's sentence embeddings (no labels); wall time and throughput."""
+    from slimkit.data import TextDataset
+    from slimkit.distill import no_label_loss, sentence_collate
+
+    data = TextDataset([{"text": t} for t in sentences])
+    cfg = DistillConfig(
+        output_loss=args.loss, alpha=1.0, cache=str(RESULTS / "minilm_teacher_cache.safetensors")
+    )
+    train = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer="adamw",
+        lr=args.lr,
+        schedule="cosine",
+        warmup_steps=100,
+        seed=0,
+        progress=args.progress,
+    )
+    RESULTS.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    result = distill(
+        student, teacher, data, cfg, train, loss_fn=no_label_loss, collate_fn=sentence_collate(tok, 128)
+    )
+    wall = time.perf_counter() - start
+    return {
+        "wall_s": wall,
+        "samples_per_s": len(data) * args.epochs / wall,
+        "train_loop_samples_per_s": result.samples_per_s,
+        "sentences": len(data),
+        "epochs": args.epochs,
+        "history": result.history,
+    }
+
+
+def time_models(models: dict[str, torch.nn.Module], batch: dict, repeats: int) -> dict[str, float]:
+    from slimkit.metrics import compare_latency
+
+    fns = {name: (lambda m=m: m(**batch)) for name, m in models.items()}
+    comparison = compare_latency(fns, warmup=2, repeats=repeats, threads=2, batch_size=64)
+    return {name: comparison[name].median_ms for name in models}
+
+
+def minilm(args) -> dict:
+    from slimkit.distill import layer_dropped_student
+    from slimkit.models.hf import load_hf
+
+    teacher, tok = load_hf("minilm")
+    student = layer_dropped_student(teacher, every=2, start=args.start)
+    score = sts_dev(args.data, tok)
+    scores = {"teacher": score(teacher), "student_init": score(student)}
+    print(
+        f"  teacher {scores['teacher']:.2f}, student before distillation {scores['student_init']:.2f}",
+        file=sys.stderr,
+    )
+    sentences = unlabeled_sentences(args.data)
+    run = embedding_distill(student, teacher, tok, sentences, args)
+    scores["student"] = score(student)
+    ms = time_models({"teacher": teacher, "student": student}, latency_batch(args.data, tok), args.repeats)
+    rows = [
+        ["teacher all-MiniLM-L6-v2 (6 layers)", count_parameters(teacher), f"{scores['teacher']:.2f}", "100.0%",
+         f"{ms['teacher']:.0f}", "1.00x"],
+        [f"student 3 layers (teacher layers {list(range(args.start, 6, 2))}), no training",
+         count_parameters(student), f"{scores['student_init']:.2f}",
+         f"{100 * scores['student_init'] / scores['teacher']:.1f}%", "-", "-"],
+        [f"student 3 layers, distilled ({args.loss} on embeddings)", count_parameters(student),
+         f"{scores['student']:.2f}", f"{100 * scores['student'] / scores['teacher']:.1f}%",
+         f"{ms['student']:.0f}", f"{ms['teacher'] / ms['student']:.2f}x"],
+    ]  # fmt: skip
+    print("\nSTS-B dev Spearman x100; latency: median ms, batch 64 x 128 tokens, 2 threads, interleaved")
+    print(table(["model", "params", "STS-B dev", "of teacher", "latency ms", "speedup"], rows))
+    print(
+        f"\ndistillation: {run['sentences']} unlabeled sentences x {run['epochs']} epochs, "
+        f"wall {run['wall_s'] / 60:.1f} min (teacher pass cached in epoch 1), {run['samples_per_s']:.0f} samples/s"
+    )
+    return {"scores": scores, "latency_ms": ms, "run": run, "config": _config(args)}
+
+
+def recover(args) -> dict:
+    """The pruning benchmark's MiniLM (50% FFN neurons, 50% heads, 'output' importance) recovered by distillation."""
+    import copy
+
+    from bench_prune_minilm import HEADLINE, calibration_sets, prune_minilm
+
+    from slimkit.data.text import read_stsb_file
+    from slimkit.models.hf import load_hf
+
+    teacher, tok = load_hf("minilm")
+    train_rows = read_stsb_file(Path(args.data) / "stsb" / "sts-train.csv")
+    sentences_b, pairs = calibration_sets(tok, train_rows, n_pairs=256)
+    pruned, _, prune_s = prune_minilm(teacher, HEADLINE, sentences_b, pairs)
+    score = sts_dev(args.data, tok)
+    scores = {"teacher": score(teacher), "pruned": score(pruned)}
+    print(f"  teacher {scores['teacher']:.2f}, pruned {scores['pruned']:.2f}", file=sys.stderr, flush=True)
+    recovered = copy.deepcopy(pruned)
+    run = embedding_distill(recovered, teacher, tok, unlabeled_sentences(args.data), args)
+    scores["recovered"] = score(recovered)
+    models = {"teacher": teacher, "pruned": pruned, "recovered": recovered}
+    ms = time_models(models, latency_batch(args.data, tok), args.repeats)
+    labels = {
+        "teacher": "all-MiniLM-L6-v2 (teacher)",
+        "pruned": "pruned 50% FFN + 50% heads, before recovery",
+        "recovered": f"pruned, recovered by distillation ({args.loss} on embeddings)",
+    }
+    rows = [
+        [labels[k], count_parameters(m), f"{scores[k]:.2f}", f"{scores[k] - scores['teacher']:+.2f}",
+         f"{ms[k]:.0f}", f"{ms['teacher'] / ms[k]:.2f}x"]
+        for k, m in models.items()
+    ]  # fmt: skip
+    print("\nSTS-B dev Spearman x100; latency: median ms, batch 64 x 128 tokens, 2 threads, interleaved")
+    print(table(["model", "params", "STS-B dev", "vs teacher", "latency ms", "speedup"], rows))
+    print(
+        f"\nrecovery: {run['sentences']} unlabeled sentences x {run['epochs']} epochs, "
+        f"wall {run['wall_s'] / 60:.1f} min, {run['samples_per_s']:.0f} samples/s; pruning took {prune_s:.0f} s"
+    )
+    return {"scores": scores, "latency_ms": ms, "run": run, "prune_s": prune_s, "config": _config(args)}
+
+
+def _config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("hinton", help="Hinton's MNIST teacher/student")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--teacher-epochs", type=int, default=60)
+    p.add_argument("--student-epochs", type=int, default=30)
+    p.add_argument("--temperature", type=float, default=20.0)
+    p.add_argument("--alpha", type=float, default=0.9)
+    p.add_argument("--seeds", type=int, default=2)
+    p.set_defaults(func=hinton)
+    for name, fn in (("minilm", minilm), ("recover", recover)):
+        p = sub.add_parser(name)
+        p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+        p.add_argument("--epochs", type=int, default=3)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=1e-4)
+        p.add_argument("--loss", choices=("mse", "cosine"), default="cosine")
+        p.add_argument(
+            "--start", type=int, default=1, help="first teacher layer kept (every other one after)"
+        )
+        p.add_argument("--repeats", type=int, default=15)
+        p.add_argument("--progress", action="store_true")
+        p.set_defaults(func=fn)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    figures = args.func(args)
+    save(args.bench, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
