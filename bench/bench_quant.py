@@ -24,6 +24,7 @@ import copy
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +96,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def embed(run, batches, n: int) -> torch.Tensor:
     with torch.inference_mode():
         out = torch.cat([mean_pool(run(b), b["attention_mask"]) for b in batches])
@@ -156,6 +161,9 @@ def build_slimkit(model, example, calib, tmp: Path, args, rows: dict, info: dict
     q = copy.deepcopy(model).eval()
     quantize_(q, cfg)
     size = save_quantized(q, tmp / "slimkit_int8.safetensors")
+    # Parameters x bits / 8 plus scales and float tensors: the payload; the rest is the file's header.
+    info["slimkit_int8_payload_bytes"] = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+    info["slimkit_int8_file_bytes"] = size
     info["reload_max_abs_diff"] = _reload_check(model, q, tmp / "slimkit_int8.safetensors", example)
     ort_int8 = to_onnxruntime(q, with_padding(example), tmp / "slimkit_int8.onnx")
     info["slimkit_int8_onnx_bytes"] = ort_int8.file_size()
@@ -216,10 +224,12 @@ def minilm(args) -> dict:
         base_before = embed(torch_runner(model), batches, len(sentences))
         build_peers(model, example, tmp, rows)
         build_slimkit(model, example, calib, tmp, args, rows, info)
+        log("rows built; timing")
         fns = {name: (lambda run=run: run(example)) for name, (run, _, _) in rows.items()}
         lat = compare_latency(fns, warmup=2, repeats=args.repeats, threads=args.threads)
         results = {}
         for name, (run, size, note) in rows.items():
+            log(f"STS-B: {name}")
             emb = base_before if name == "fp32 eager" else embed(run, batches, len(sentences))
             cos = float(torch.nn.functional.cosine_similarity(emb, base_before).mean())
             sim = torch.nn.functional.cosine_similarity(emb[pairs[0]], emb[pairs[1]])

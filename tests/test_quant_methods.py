@@ -90,7 +90,7 @@ def test_fake_quant_straight_through_gradient():
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
 
 
-def test_qat_layers_train_with_gradients_and_convert():
+def test_qat_layers_train_with_gradients_and_convert(tmp_path):
     torch.manual_seed(0)
     model = LeNet5()
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
@@ -114,6 +114,9 @@ def test_qat_layers_train_with_gradients_and_convert():
     assert isinstance(model.features[0], QuantConv2d) and model.features[0].weight_bits == 4
     assert int(model.classifier[1].qweight.abs().max()) <= 7
     assert sqnr_db(fake, model(x)) > 25.0  # the integer model computes what training simulated
+    save_quantized(model, tmp_path / "lenet5.safetensors")  # 6 x 25 codes: an odd count per channel
+    fresh = load_quantized(LeNet5(), tmp_path / "lenet5.safetensors").eval()
+    assert torch.equal(fresh(x), model(x))
 
 
 def test_qat_callback_in_the_trainer(tmp_path):

@@ -57,6 +57,7 @@ def test_quantize_step_runs_and_writes_packed_weights(tmp_path):
     assert abs(quantized["metrics"]["accuracy"] - trained["metrics"]["accuracy"]) <= 0.02
 
 
+@pytest.mark.slow
 def test_mixed_quantize_step_saves_the_sensitivity_plot(tmp_path):
     low = {"method": "int8_dynamic", "activation_granularity": "tensor"}
     raw = _raw(tmp_path, {"method": "mixed", "low": low, "max_high_layers": 1, "calibration_samples": 64})

@@ -66,8 +66,12 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> int:
     state = state_dict_for_saving(model)
     for name, info in layers.items():
         if info.get("weight_bits") == 4:
-            key = f"{name}.qweight"
-            state[f"{name}.qweight_int4"] = pack_int4(state.pop(key)).contiguous()
+            codes = state.pop(f"{name}.qweight")
+            info["shape"] = list(codes.shape)
+            flat = codes.reshape(-1)
+            if flat.numel() % 2:  # two codes per byte: pad an odd count with one zero code
+                flat = torch.cat([flat, flat.new_zeros(1)])
+            state[f"{name}.qweight_int4"] = pack_int4(flat).contiguous()
     return save_weights(state, path, metadata={META_KEY: json.dumps(layers)})
 
 
@@ -114,7 +118,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     state = load_weights_file(path)
     for name, info in layers.items():
         if info.get("weight_bits") == 4 and f"{name}.qweight_int4" in state:
-            state[f"{name}.qweight"] = unpack_int4(state.pop(f"{name}.qweight_int4"))
+            shape = info["shape"]
+            codes = unpack_int4(state.pop(f"{name}.qweight_int4"))
+            state[f"{name}.qweight"] = codes[: shape[0] * shape[1]].reshape(shape)
     try:
         new = {name: _rebuild(get_module(model, name), info, state, name) for name, info in layers.items()}
     except AttributeError as err:
