@@ -313,3 +313,26 @@ def test_attention_and_hidden_distillation_on_a_transformer():
     first, last = result.history[0], result.history[-1]
     assert last["distill_hidden"] < 0.5 * first["distill_hidden"]
     assert last["distill_attention"] < 0.5 * first["distill_attention"]
+
+
+def test_cache_keeps_token_states_without_padding(tmp_path):
+    # Two sentences of 3 and 5 tokens, first batched together (padded to 5), then each alone.
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    states = torch.randn(2, 5, 4)
+    emb = torch.randn(2, 4)
+    cache = TeacherCache(tmp_path / "c.safetensors")
+    cache.put({"input_ids": ids, "attention_mask": mask}, {"out": [emb], "layer:enc.0": [states]})
+    cache.save()
+    reloaded = TeacherCache(tmp_path / "c.safetensors")
+    alone = {"input_ids": ids[:1, :3], "attention_mask": mask[:1, :3]}
+    got = reloaded.get(alone)
+    assert torch.equal(got["out"][0], emb[:1])
+    assert torch.equal(got["layer:enc.0"][0], states[:1, :3])
+    # Re-batched in the other order: the short sentence is padded again with zeros.
+    swapped = {"input_ids": ids.flip(0), "attention_mask": mask.flip(0)}
+    got = reloaded.get(swapped)
+    assert torch.equal(got["layer:enc.0"][0][1, :3], states[0, :3])
+    assert torch.equal(got["layer:enc.0"][0][1, 3:], torch.zeros(2, 4))
+    assert reloaded.get({"input_ids": ids[:1, :2], "attention_mask": mask[:1, :2]}) is None  # unseen
+    assert (reloaded.hits, reloaded.misses) == (2, 1)
