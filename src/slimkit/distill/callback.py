@@ -10,6 +10,7 @@ the first batch that shows the widths and added to the trainer's optimizer.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,6 +117,11 @@ class DistillationCallback(Callback):
         if not self.layer_map and self.config.uses_layers:
             self.resolve_layers(student)
         self._check_devices(student)
+        env = distributed.current(init=False)
+        if self.config.cache and env is not None:
+            # Each rank sees its own slices of the data: one cache file per rank, no two writers on one file.
+            base = Path(self.config.cache)
+            self.cache = TeacherCache(base.with_name(f"{base.stem}.rank{env.rank}{base.suffix}"))
         self._teacher_mode = eval_mode(self.teacher)
         self._teacher_mode.__enter__()
         self._taps = self._make_taps(student, train_only=True)
