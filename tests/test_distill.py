@@ -220,18 +220,20 @@ def test_hidden_distillation_with_projection_and_cache(digits_teacher, tmp_path)
     cfg = DistillConfig(
         hidden_weight=1.0, layer_map={"features.5": "features.5"}, cache=str(tmp_path / "t.st")
     )
+    x, y = _stack(data.train)
+    subset = TensorDataset(x[:400], y[:400])
     results = []
     for _ in range(2):  # the second run reads every teacher output from the cache file
         torch.manual_seed(0)
         student = DigitsCNN(width=4)
-        result = distill(student, teacher, data.train, cfg, TrainConfig(epochs=2, lr=3e-3, progress=False))
+        result = distill(student, teacher, subset, cfg, TrainConfig(epochs=2, lr=3e-3, progress=False))
         results.append((result, student))
     hist = results[0][0].history
     assert hist[-1]["distill_hidden"] < hist[0]["distill_hidden"]
     for a, b in zip(results[0][1].parameters(), results[1][1].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     cache = TeacherCache(tmp_path / "t.st")
-    assert len(cache) == len(data.train)
+    assert len(cache) == len(subset)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, teacher_state[k])
     assert not teacher.training
