@@ -187,6 +187,8 @@ def _args() -> argparse.Namespace:
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune.json"))
     parser.add_argument("--sparsity", type=float, default=0.92)
+    parser.add_argument("--criteria", nargs="*", default=None, help="MiniLM importance criteria to compare")
+    parser.add_argument("--latency-runs", type=int, default=None, help="MiniLM interleaved latency runs")
     args = parser.parse_args()
     args.epochs, args.ft_epochs = (3, 2) if args.quick else (15, 12)
     args.repeats = 5 if args.quick else 30

@@ -127,7 +127,9 @@ def bench_minilm(args, out: dict) -> str:
     dev, train = read_stsb_file(data / "sts-dev.csv"), read_stsb_file(data / "sts-train.csv")
     dense, tok = load_hf("minilm")
     sentences, pairs = calibration_sets(tok, train, n_pairs=128 if args.quick else 256)
-    criteria = ("l2", "output") if args.quick else CRITERIA
+    criteria = args.criteria or (("l2", HEADLINE) if args.quick else CRITERIA)
+    if HEADLINE not in criteria:
+        criteria = [*criteria, HEADLINE]
     scores = {"unpruned": sts_spearman(dense, tok, dev)}
     models, timings, summaries = {}, {}, {}
     for criterion in criteria:
@@ -151,7 +153,8 @@ def bench_minilm(args, out: dict) -> str:
                 "pruned": expected_cost(dense.encoder.config, 64, 128, 0.5)}  # fmt: skip
     shapes = forward_shapes_ok(pruned)
     runs = [compare_latency({"unpruned": lambda: dense(**x), "pruned": lambda: pruned(**x)},
-                            warmup=2, repeats=args.lm_repeats, threads=2) for _ in range(2 if args.quick else 3)]  # fmt: skip
+                            warmup=2, repeats=args.lm_repeats, threads=2)
+            for _ in range(args.latency_runs or (2 if args.quick else 3))]  # fmt: skip
     speedups = [r.speedups["pruned"] for r in runs]
     out["minilm"] = {
         "sts_dev_spearman": scores, "prune_seconds": timings, "params": cost, "expected": expected,

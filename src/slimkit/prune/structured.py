@@ -166,8 +166,8 @@ def plan_slices(model: nn.Module, groups: list[Group], keep: dict[str, list]) ->
     return plan
 
 
-def _kept(size: int, removed: set) -> torch.Tensor:
-    return torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long)
+def _kept(size: int, removed: set, device: torch.device) -> torch.Tensor:
+    return torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long, device=device)
 
 
 def _new_param(old: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
@@ -177,7 +177,8 @@ def _new_param(old: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
 def slice_layer_(module: nn.Module, remove: dict[int, set]) -> None:
     """Remove output (dim 0) and input (dim 1) positions from a Linear, Conv or BatchNorm in place."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        keep = _kept(module.num_features, remove.get(0, set()))
+        device = next((t.device for t in [*module.parameters(), *module.buffers()]), None)
+        keep = _kept(module.num_features, remove.get(0, set()), device)
         for pname in ("weight", "bias"):
             if getattr(module, pname) is not None:
                 setattr(module, pname, _new_param(getattr(module, pname), getattr(module, pname)[keep]))
@@ -189,12 +190,12 @@ def slice_layer_(module: nn.Module, remove: dict[int, set]) -> None:
     weight = module.weight
     depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
     if 0 in remove:
-        keep = _kept(weight.shape[0], remove[0])
+        keep = _kept(weight.shape[0], remove[0], weight.device)
         weight = weight[keep]
         if module.bias is not None:
             module.bias = _new_param(module.bias, module.bias[keep])
     if 1 in remove and not depthwise:
-        weight = weight[:, _kept(weight.shape[1], remove[1])]
+        weight = weight[:, _kept(weight.shape[1], remove[1], weight.device)]
     module.weight = _new_param(module.weight, weight)
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = weight.shape[0], weight.shape[1]
