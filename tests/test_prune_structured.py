@@ -202,3 +202,47 @@ def test_non_mutating_analysis_keeps_mode_and_weights():
     analyze(model, torch.randn(2, 1, 28, 28))
     assert model.training and _same(before, model.state_dict())
     copy.deepcopy(model)
+
+
+class ConcatDepthwiseNet(nn.Module):
+    """Two branches concatenated, then depthwise conv + BN (followers at an offset) and a pointwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.dw = nn.Conv2d(14, 14, 3, padding=1, groups=14)
+        self.bn = nn.BatchNorm2d(14)
+        self.pw = nn.Conv2d(14, 10, 1)
+        self.fc = nn.Linear(10 * 4 * 4, 3)
+
+    def forward(self, x):
+        z = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        z = torch.relu(self.pw(torch.relu(self.bn(self.dw(z)))))
+        return self.fc(nn.functional.max_pool2d(z, 2).flatten(1))
+
+
+def test_concat_offsets_and_depthwise_followers():
+    torch.manual_seed(0)
+    model = ConcatDepthwiseNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = {g.name: g for g in analyze(model, x)}
+    assert (
+        groups["b"].prunable
+        and groups["b"].followers["dw"].base == 8
+        and groups["b"].consumers["pw"].base == 8
+    )
+    assert groups["pw"].consumers["fc"].stride == 16  # flatten: each channel is 4x4 features
+    with torch.no_grad():  # channel 3 of branch b is dead: removing it must not change the output
+        model.b.weight[3] = 0
+        model.b.bias[3] = 0
+        model.dw.weight[8 + 3] = 0
+        model.dw.bias[8 + 3] = 0
+        model.bn.bias[8 + 3] = 0
+        model.bn.running_mean[8 + 3] = 0
+    before = model(x)
+    cfg = StructuredConfig(ratios={"b": 1 / 6}, include=["b"], importance="activation")
+    prune_(model, cfg, calibration=[x])
+    assert (
+        model.b.out_channels == 5 and model.dw.groups == model.bn.num_features == model.pw.in_channels == 13
+    )
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)

@@ -33,7 +33,7 @@ class Group:
     kind: str  # "channel" or "head"
     units: int
     producers: dict[str, Span] = field(default_factory=dict)  # layer -> span on its output features
-    followers: list[str] = field(default_factory=list)
+    followers: dict[str, Span] = field(default_factory=dict)  # per-channel layer -> span on its channels
     consumers: dict[str, Span] = field(default_factory=dict)  # layer -> span on its input features
     unsafe: list[str] = field(default_factory=list)
     head_owner: str | None = None  # module whose head-count attribute changes with this group
@@ -44,7 +44,7 @@ class Group:
 
     @property
     def layers(self) -> list[str]:
-        return list(self.producers) + self.followers + list(self.consumers)
+        return list(self.producers) + list(self.followers) + list(self.consumers)
 
 
 def producer_width(module: nn.Module) -> int | None:
@@ -166,9 +166,10 @@ def _merge(names: list[str], reaches: dict[str, tuple], tied: set[str], calls: d
         _, _, span, reach = reaches[n]
         group.producers[n] = span
         group.unsafe += [f"{n}: {why}" for why in reach.unsafe]
-        for f in reach.followers:
-            if f not in group.followers:
-                group.followers.append(f)
+        for f, fspan in reach.followers.items():
+            if group.followers.get(f, fspan) != fspan:
+                group.unsafe.append(f"{f} sees the units at two different positions")
+            group.followers[f] = fspan
         for c, cspan in reach.consumers.items():
             if c in group.consumers and group.consumers[c] != cspan:
                 group.unsafe.append(f"{c} reads the units at two different positions")

@@ -39,10 +39,10 @@ def group_tensors(model: nn.Module, group: Group, grads: bool = False) -> list[t
         pick(m.weight, 0, span)
         if m.bias is not None:
             pick(m.bias, 0, span)
-    for name in group.followers:
+    for name, span in group.followers.items():
         for p in modules[name]._parameters.values():
             if p is not None:
-                pick(p, 0, Span(0))
+                pick(p, 0, span)
     for name, span in group.consumers.items():
         pick(modules[name].weight, 1, span)
     return out

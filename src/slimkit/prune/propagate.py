@@ -44,7 +44,7 @@ class Reach:
     """Everything one producer's output space touches."""
 
     consumers: dict[str, Span] = field(default_factory=dict)  # layer -> span on its input features
-    followers: list[str] = field(default_factory=list)  # per-channel layers (BatchNorm, depthwise conv)
+    followers: dict[str, Span] = field(default_factory=dict)  # per-channel layers (BatchNorm, depthwise conv)
     joins: dict[int, set[int]] = field(default_factory=dict)  # join node -> operand positions reached
     join_dims: dict[int, int] = field(default_factory=dict)  # join node -> the units' dim in its output
     unsafe: list[str] = field(default_factory=list)
@@ -187,9 +187,11 @@ def _through_layer(node: Node, t: torch.Tensor, span: Span, reach: Reach) -> lis
         return []
     depthwise = conv and module.groups == module.in_channels == module.out_channels
     bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
-    if (depthwise or bn) and span.dim == 1 and span.aligned:
-        if name not in reach.followers:
-            reach.followers.append(name)
+    if (depthwise or bn) and span.dim == 1 and span.stride == 1 and span.block == 1:
+        # Channel-wise layers keep the channel positions (an offset from a concat included).
+        if reach.followers.get(name, span) != span:
+            return _unsafe(reach, f"reaches {name} at two different positions")
+        reach.followers[name] = span
         return [(o, span) for o in node.outputs[:1]]
     return _unsafe(reach, f"feeds {name} ({type(module).__name__}), which cannot lose inputs")
 

@@ -159,8 +159,8 @@ def plan_slices(model: nn.Module, groups: list[Group], keep: dict[str, list]) ->
             continue
         for name, span in g.producers.items():
             plan.setdefault(name, {}).setdefault(0, set()).update(span.positions(removed).tolist())
-        for name in g.followers:
-            plan.setdefault(name, {}).setdefault(0, set()).update(removed.tolist())
+        for name, span in g.followers.items():
+            plan.setdefault(name, {}).setdefault(0, set()).update(span.positions(removed).tolist())
         for name, span in g.consumers.items():
             plan.setdefault(name, {}).setdefault(1, set()).update(span.positions(removed).tolist())
     return plan
