@@ -69,6 +69,7 @@ def test_lenet5_channels_and_neurons_are_halved():
     assert model.features[1].num_features == 3 and model.classifier[1].in_features == 8 * 25
     assert model(x).shape == (4, 10)
     assert summary.params_after == sum(p.numel() for p in model.parameters()) < summary.params_before / 3
+    assert summary.macs_after < summary.macs_before / 3  # conv MACs fall ~4x (inputs and outputs halved)
 
 
 def test_residual_block_is_pruned_consistently():

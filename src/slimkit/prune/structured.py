@@ -34,12 +34,16 @@ class PruneSummary:
     skipped: list[dict] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    macs_before: int | None = None  # on the traced example batch
+    macs_after: int | None = None
 
     def table(self) -> str:
         lines = [f"{'group':50s} {'kind':7s} {'before':>6s} {'after':>6s}"]
         for g in self.groups:
             lines.append(f"{g['name'][:50]:50s} {g['kind']:7s} {g['before']:6d} {g['after']:6d}")
         lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,}")
+        if self.macs_before is not None and self.macs_after is not None:
+            lines.append(f"MACs (example batch): {self.macs_before:,} -> {self.macs_after:,}")
         return "\n".join(lines)
 
 
@@ -221,6 +225,26 @@ def _update_head_counts_(model: nn.Module, groups: list[Group], keep: dict[str, 
                 setattr(owner, attr, new * head_size)
 
 
+class _CallWith(nn.Module):
+    """Adapts ``forward(model, batch)`` to the ``model(input)`` call that ``count_macs`` makes."""
+
+    def __init__(self, model: nn.Module, forward: Callable, batch: Any):
+        super().__init__()
+        self.model, self.call, self.batch = model, forward, batch
+
+    def forward(self, _unused: torch.Tensor) -> Any:
+        return self.call(self.model, self.batch)
+
+
+def _macs(model: nn.Module, forward: Callable | None, example: Any) -> int | None:
+    from slimkit.metrics import count_macs  # metrics imports more than pruning needs
+
+    try:
+        return count_macs(_CallWith(model, forward or default_forward, example), torch.zeros(1))
+    except (RuntimeError, TypeError, ValueError):  # informational only: never fail pruning over it
+        return None
+
+
 def analyze(model: nn.Module, example: Any, forward: Callable | None = None) -> list[Group]:
     """The model's channel/head groups (prunable or not, with reasons); the model is unchanged."""
     return build_groups(model, trace_model(model, forward or default_forward, example))
@@ -259,12 +283,14 @@ def prune_structured_(
     keep = choose_units(chosen, scores, config)
     plan = plan_slices(model, chosen, keep)
     before = sum(p.numel() for p in model.parameters())
+    macs_before = _macs(model, forward, example)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, remove in plan.items():
             slice_layer_(modules[name], remove)
     _update_head_counts_(model, chosen, keep)
     summary = PruneSummary(params_before=before, params_after=sum(p.numel() for p in model.parameters()))
+    summary.macs_before, summary.macs_after = macs_before, _macs(model, forward, example)
     summary.groups = [
         {"name": g.name, "kind": g.kind, "before": g.units, "after": len(keep[g.name])} for g in chosen
     ]
