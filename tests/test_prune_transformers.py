@@ -79,3 +79,21 @@ def test_real_minilm_half_heads_half_ffn():
         ids = torch.randint(1000, 20000, (batch, seq))
         assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).shape == (batch, 384)
     assert Path(tok.name_or_path).exists()
+
+
+def test_calibration_statistics_skip_padding_tokens():
+    """Stats on a right-padded batch equal those on the same sentences without the padding."""
+    from slimkit.prune import make_importance
+
+    model = _tiny_bert("eager")
+    ids = torch.randint(5, 120, (2, 6))
+    padded = {"input_ids": torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([torch.ones(2, 6), torch.zeros(2, 4)], 1).long()}  # fmt: skip
+    plain = {"input_ids": ids, "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    groups = [g for g in analyze(model, plain) if g.prunable]
+    scores = []
+    for batch in (padded, plain):
+        imp = make_importance("output")
+        imp.prepare(model, groups, [batch], None, None)
+        scores.append(torch.cat([imp.score(model, g) for g in groups]))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-6)

@@ -100,14 +100,23 @@ class _ConsumerInputStats(Importance):
                 hook = self._hook(group, span, module)
                 handles.append(module.register_forward_pre_hook(hook))
         try:
-            run_calibration(model, calibration, forward, self.max_batches)
+            run_calibration(model, calibration, forward, self.max_batches, on_batch=self._set_mask)
         finally:
+            self._mask = None
             for h in handles:
                 h.remove()
 
     def _hook(self, group: Group, span: Span, module: nn.Module):
         def hook(mod, args):
             x = args[0].detach()
+            mask = self._mask
+            if (
+                isinstance(module, nn.Linear)
+                and mask is not None
+                and x.dim() >= 3
+                and x.shape[:2] == mask.shape
+            ):
+                x = x[mask]  # padding tokens carry no signal: keep the real ones only
             dim = x.dim() - 1 if isinstance(module, nn.Linear) else 1
             per_unit = unit_view(x.float(), dim, span, group.units)  # (units, block * samples)
             value = self.statistic(per_unit, module, span, group.units)
@@ -117,6 +126,13 @@ class _ConsumerInputStats(Importance):
 
     def statistic(self, per_unit, module, span, units) -> torch.Tensor:
         raise NotImplementedError
+
+    _mask: torch.Tensor | None = None
+
+    def _set_mask(self, batch: Any) -> None:
+        """Token mask of a text batch (``attention_mask``), to skip padding in the statistics."""
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        self._mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def score(self, model, group):
         return self.stats[group.name]
@@ -201,7 +217,7 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 def run_calibration(
-    model: nn.Module, calibration: Iterable, forward: Callable | None, max_batches: int
+    model: nn.Module, calibration: Iterable, forward: Callable | None, max_batches: int, on_batch=None
 ) -> None:
     forward = forward or default_forward
     was_training = {m: m.training for m in model.modules()}
@@ -211,6 +227,8 @@ def run_calibration(
             for i, batch in enumerate(calibration):
                 if i >= max_batches:
                     break
+                if on_batch is not None:
+                    on_batch(batch)
                 forward(model, batch)
     finally:
         for m, mode in was_training.items():
