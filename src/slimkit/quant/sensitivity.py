@@ -148,5 +148,5 @@ def plot_sensitivity(
         "quantized": (order, [0.0 if n in high else v for n, v in zip(order, values)]),
     }
     return plot_series(
-        path, title, "layer", "relative output error (layer alone quantized)", series, kind="bar", logy=True
+        path, title, "layer", "relative output error", series, kind="bar", logy=True
     )
