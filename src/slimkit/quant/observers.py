@@ -18,7 +18,7 @@ import torch
 from slimkit.quant.affine import QSpec, dequantize, minmax, param_shape, qparams, quantize, rows_view
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
-_SAMPLE = 1 << 16  # values kept per batch by sampling observers: enough for a stable estimate
+_SAMPLE = 1 << 14  # values kept per batch by sampling observers: enough for a stable estimate
 
 
 class Observer:
@@ -95,7 +95,7 @@ class PercentileObserver(Observer):
 class MSEObserver(Observer):
     """Min-max range, then the shrink factor in [0.3, 1] with the least quantization MSE on a sample."""
 
-    def __init__(self, spec: QSpec, steps: int = 40):
+    def __init__(self, spec: QSpec, steps: int = 24):
         super().__init__(spec)
         self.steps = steps
         self._samples: list[torch.Tensor] = []

@@ -147,6 +147,4 @@ def plot_sensitivity(
         "kept in high precision": (order, [v if n in high else 0.0 for n, v in zip(order, values)]),
         "quantized": (order, [0.0 if n in high else v for n, v in zip(order, values)]),
     }
-    return plot_series(
-        path, title, "layer", "relative output error", series, kind="bar", logy=True
-    )
+    return plot_series(path, title, "layer", "relative output error", series, kind="bar", logy=True)
