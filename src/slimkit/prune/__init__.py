@@ -1,4 +1,24 @@
-"""Pruning: unstructured magnitude masks with sparse files, and structured removal of channels and heads."""
+"""Pruning: unstructured magnitude masks with sparse files, and structured removal of channels and heads.
+
+Unstructured (weights set to zero, file shrinks)::
+
+    masks = prune_(model, MagnitudeConfig(sparsity=0.9, scope="global"))
+    Trainer(model, cfg, callbacks=[MaskCallback(masks)]).fit(train)   # zeros stay zero
+    finalize_(model, masks)
+    save_sparse(model, "model.safetensors")                          # bitmask + values
+    load_sparse(fresh_model, "model.safetensors")                    # bit-exact
+
+Gradual (Zhu & Gupta): ``GradualPruningCallback(model, GradualConfig(final_sparsity=0.9, end_step=...))``
+among the Trainer callbacks. Iterative: ``prune_iteratively_(model, config, cycles, retrain)``.
+
+Structured (the model gets smaller and faster)::
+
+    summary = prune_(model, StructuredConfig(ratio=0.5, importance="output"), calibration=batches)
+    print(summary.table())
+    save_pruned(model, "pruned.safetensors"); load_pruned(fresh_model, "pruned.safetensors")
+
+``analyze(model, example)`` lists every channel/head group and why a group is not prunable.
+"""
 
 from slimkit.prune.api import prune_
 from slimkit.prune.config import GradualConfig, MagnitudeConfig, StructuredConfig
