@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import ConfigError, DataError, ModelError
-from slimkit.models.builtin import LeNet5, LeNet300100
+from slimkit.models.builtin import DigitsCNN, LeNet5, LeNet300100
 from slimkit.quant import (
     BF16Config,
     Int8DynamicConfig,
@@ -198,8 +198,8 @@ def _lenet_data(n=64):
     ),
 )
 def test_int8_builtin_models_stay_close_to_float(config):
-    x = _lenet_data()
-    for model in (LeNet5().eval(), LeNet300100().eval()):
+    mnist, digits = _lenet_data(), torch.rand(64, 1, 8, 8)
+    for model, x in ((LeNet5().eval(), mnist), (LeNet300100().eval(), mnist), (DigitsCNN().eval(), digits)):
         ref = model(x)
         summary = quantize_(model, config, calibration_data=[x[:32], x[32:]])
         assert summary["quantized"] and not summary["skipped"]
@@ -268,6 +268,13 @@ def test_bad_input_raises_and_leaves_the_model_untouched(config, match, error):
     with pytest.raises(error, match=match):
         quantize_(model, config)
     assert _same(model, before) and type(model.net[1]) is nn.Linear and not model.training
+
+
+def test_weights_of_an_unsupported_dtype_are_named():
+    model = LeNet300100().eval().to(torch.float64)
+    with pytest.raises(ModelError, match=r"net.1: weight dtype torch.float64 cannot be quantized"):
+        quantize_(model, Int8DynamicConfig())
+    assert type(model.net[1]) is nn.Linear
 
 
 def test_model_without_quantizable_layer():

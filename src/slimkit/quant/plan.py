@@ -6,6 +6,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from slimkit.errors import ConfigError, ModelError
@@ -24,6 +25,18 @@ EMBEDDING_CONFIG = "embedding_int8"
 class Plan:
     layers: dict[str, Any] = field(default_factory=dict)  # module name -> layer config (or EMBEDDING_CONFIG)
     skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it stays float
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype not in FLOAT_DTYPES:
+            raise ModelError(
+                f"{name}: weight dtype {weight.dtype} cannot be quantized (float32/16 or bfloat16 only)"
+            )
 
 
 def supports(config: Any, module: nn.Module) -> str | None:
@@ -87,6 +100,7 @@ def build_plan(model: nn.Module, config: Any) -> Plan:
             + (f" ({details})" if details else " (no Linear or Conv2d layer matched include)")
         )
     _check_uniform(plan)
+    _check_dtypes(model, list(plan.layers))
     return plan
 
 
