@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from slimkit.cli import main
-from slimkit.models import DigitsCNN
 from slimkit.metrics import count_nonzero, count_parameters
+from slimkit.models import DigitsCNN
 from slimkit.prune import load_pruned, load_sparse
 
 
