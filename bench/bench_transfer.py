@@ -18,7 +18,8 @@ sentiment_mt:  yelp, amazon, imdb and SST-2 as four tasks of one model against f
 
 Every run uses torch threads = --threads (2) and max_length --max-length (64). Each part prints a table and
 writes the figures to bench/results/transfer_<part>.json. --model takes another encoder folder (a tiny one
-makes a quick smoke run); --limit caps every training set (for smoke runs only).
+makes a quick smoke run); --limit N trains on a class-balanced sample of N examples of every training set
+(stated in the tables' titles; the README says where it was used).
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def part_sst2(args, model, tok) -> dict:
     print(f"sst2: {len(data.train)} train, {len(data.val)} val, {len(data.test)} test sentences", flush=True)
     figures = {}
     for name, cfg in runs.items():
+        if args.strategies and cfg.strategy not in args.strategies:
+            continue
         cfg.max_length = args.max_length
         result = finetune(model, data, cfg, tok)
         metrics = _test_metrics(result.model, data, tok, args.max_length)
@@ -147,7 +150,8 @@ def part_sst2(args, model, tok) -> dict:
         + [f"{f['train_time_s']:.1f}"]
         for n, f in figures.items()
     ]
-    print_table(f"SST-2 held-out accuracy ({len(data.test)} sentences), {args.epochs} epochs", headers, rows)
+    title = f"SST-2 held-out accuracy ({len(data.test)} sentences), {len(data.train)} training sentences"
+    print_table(f"{title}, {args.epochs} epochs", headers, rows)
     return figures
 
 
@@ -159,21 +163,26 @@ def _test_metrics(model, data: DataBundle, tok, max_length: int) -> dict:
 
 # -- trec: multi-task vs single-task ----------------------------------------------------------------------
 def part_trec(args, model, tok) -> dict:
-    tasks = {
-        label: limited(load_trec(args.data, label=label, seed=args.seed), args.limit)
-        for label in ("coarse", "fine")
-    }
-    if args.limit is None:  # one split of the same questions, with two labels each
-        assert [r["text"] for r in tasks["coarse"].train.rows] == [
-            r["text"] for r in tasks["fine"].train.rows
-        ]
+    tasks = {label: load_trec(args.data, label=label, seed=args.seed) for label in ("coarse", "fine")}
+    if args.limit is not None:  # the same random questions for both labels (natural class frequencies)
+        keep = torch.randperm(len(tasks["coarse"].train), generator=torch.Generator().manual_seed(args.seed))
+        keep = sorted(keep[: args.limit].tolist())
+        for label, data in tasks.items():
+            tasks[label] = DataBundle(
+                **{**data.__dict__, "train": TextDataset([data.train[i] for i in keep])}
+            )
+    # one split of the same questions, with two labels each
+    assert [r["text"] for r in tasks["coarse"].train.rows] == [r["text"] for r in tasks["fine"].train.rows]
     figures = _mt_vs_single(args, model, tok, tasks, ("fixed", "uncertainty"))
     headers = ["model", "coarse acc", "fine acc", "params", "steps", "train s"]
     rows = [
         [name, f["coarse"], f["fine"], f["params"], f["steps"], f"{f['train_time_s']:.1f}"]
         for name, f in figures.items()
     ]
-    print_table("TREC_10 accuracy (500 questions)", headers, rows)
+    n_train = len(tasks["coarse"].train)
+    print_table(
+        f"TREC_10 accuracy (500 questions), {n_train} training questions, {args.epochs} epochs", headers, rows
+    )
     return figures
 
 
@@ -286,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--shots", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--limit", type=int, default=None, help="cap every training set (smoke runs only)")
+    p.add_argument("--limit", type=int, default=None, help="cap every training set (class-balanced sample)")
+    p.add_argument("--strategies", nargs="+", default=None, help="sst2: run only these strategies")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
