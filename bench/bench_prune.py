@@ -66,6 +66,19 @@ def fit(model, data, epochs: int, lr: float, callbacks=(), seed: int = 0) -> Non
 # -- 1. LeNet-300-100, unstructured -------------------------------------------------------
 
 
+def gradual_pruning(dense, train, args):
+    """Zhu & Gupta schedule 0 -> target over the first 60% of fine-tuning, then masks held; finalised."""
+    model = copy.deepcopy(dense)
+    steps = args.ft_epochs * -(-len(train) // 64)
+    cfg = GradualConfig(
+        final_sparsity=args.sparsity, end_step=int(0.6 * steps), frequency=max(1, steps // 40), scope="global"
+    )
+    callback = GradualPruningCallback(model, cfg)
+    fit(model, train, args.ft_epochs, 5e-4, [callback])
+    finalize_(model, callback.masks)
+    return model, cfg
+
+
 def bench_lenet(args, out: dict) -> str:
     bundle = load_mnist(args.data, seed=0)
     torch.manual_seed(0)
@@ -73,14 +86,7 @@ def bench_lenet(args, out: dict) -> str:
     fit(dense, bundle.train, args.epochs, 1e-3)
     one_shot = copy.deepcopy(dense)
     prune_(one_shot, MagnitudeConfig(sparsity=args.sparsity, scope="global"))
-    gradual = copy.deepcopy(dense)
-    steps = args.ft_epochs * -(-len(bundle.train) // 64)
-    cfg = GradualConfig(
-        final_sparsity=args.sparsity, end_step=int(0.6 * steps), frequency=max(1, steps // 40), scope="global"
-    )
-    callback = GradualPruningCallback(gradual, cfg)
-    fit(gradual, bundle.train, args.ft_epochs, 5e-4, [callback])
-    finalize_(gradual, callback.masks)
+    gradual, cfg = gradual_pruning(dense, bundle.train, args)
     # Control: the dense model trained for the same extra epochs (is the gain pruning or training?).
     dense_long = copy.deepcopy(dense)
     fit(dense_long, bundle.train, args.ft_epochs, 5e-4)

@@ -119,6 +119,24 @@ def forward_shapes_ok(model) -> list[str]:
     return done
 
 
+def latency_runs(dense, pruned, x: dict, args) -> list:
+    """Several interleaved comparisons (the CPU is shared: one run can be unlucky)."""
+    fns = {"unpruned": lambda: dense(**x), "pruned": lambda: pruned(**x)}
+    count = args.latency_runs or (2 if args.quick else 3)
+    return [compare_latency(fns, warmup=2, repeats=args.lm_repeats, threads=2) for _ in range(count)]
+
+
+def compare_criteria(dense, tok, dev, criteria, sentences, pairs):
+    """Prune a copy per criterion; STS-B dev Spearman of each (and of the unpruned model)."""
+    scores = {"unpruned": sts_spearman(dense, tok, dev)}
+    models, timings, summaries = {}, {}, {}
+    for c in criteria:
+        models[c], summaries[c], timings[c] = prune_minilm(dense, c, sentences, pairs)
+        scores[c] = sts_spearman(models[c], tok, dev)
+        print(f"  {c}: STS-B dev {scores[c]:.2f} (pruned in {timings[c]:.0f} s)", flush=True)
+    return scores, models, timings, summaries
+
+
 def bench_minilm(args, out: dict) -> str:
     from bench_prune import table  # the shared table printer
 
@@ -130,17 +148,7 @@ def bench_minilm(args, out: dict) -> str:
     criteria = args.criteria or (("l2", HEADLINE) if args.quick else CRITERIA)
     if HEADLINE not in criteria:
         criteria = [*criteria, HEADLINE]
-    scores = {"unpruned": sts_spearman(dense, tok, dev)}
-    models, timings, summaries = {}, {}, {}
-    for criterion in criteria:
-        models[criterion], summaries[criterion], timings[criterion] = prune_minilm(
-            dense, criterion, sentences, pairs
-        )
-        scores[criterion] = sts_spearman(models[criterion], tok, dev)
-        print(
-            f"  {criterion}: STS-B dev {scores[criterion]:.2f} (pruned in {timings[criterion]:.0f} s)",
-            flush=True,
-        )
+    scores, models, timings, summaries = compare_criteria(dense, tok, dev, criteria, sentences, pairs)
     pruned = models[HEADLINE]
     x = {
         "input_ids": torch.randint(1000, 20000, (64, 128)),
@@ -152,9 +160,7 @@ def bench_minilm(args, out: dict) -> str:
     expected = {"unpruned": expected_cost(dense.encoder.config, 64, 128, 1.0),
                 "pruned": expected_cost(dense.encoder.config, 64, 128, 0.5)}  # fmt: skip
     shapes = forward_shapes_ok(pruned)
-    runs = [compare_latency({"unpruned": lambda: dense(**x), "pruned": lambda: pruned(**x)},
-                            warmup=2, repeats=args.lm_repeats, threads=2)
-            for _ in range(args.latency_runs or (2 if args.quick else 3))]  # fmt: skip
+    runs = latency_runs(dense, pruned, x, args)
     speedups = [r.speedups["pruned"] for r in runs]
     out["minilm"] = {
         "sts_dev_spearman": scores, "prune_seconds": timings, "params": cost, "expected": expected,
