@@ -159,6 +159,7 @@ def test_observer_without_data_says_so():
             "overrides.fc*.weight_observer",
         ),
         ({"method": "mixed"}, "max_error"),
+        ({"method": "mixed", "high": {"method": "int8_static"}, "max_error": 0.1}, "high"),
         ({"method": "qat", "weight_bits": 2}, "weight_bits"),
     ],
 )

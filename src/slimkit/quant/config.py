@@ -187,6 +187,12 @@ class MixedPrecisionConfig(_Common):
         self.low = _sub_config(self.low, "low")
         self.high = None if self.high is None else _sub_config(self.high, "high")
         require(self.low is not None, "low", "is required")
+        # Calibration statistics are collected for ``low`` only; ``high`` must not need any.
+        require(
+            self.high is None or not self.high.needs_calibration,
+            "high",
+            "must be null (float) or a method without calibration (bf16, int8_dynamic, weight_only rtn)",
+        )
         budgets = (self.max_error, self.max_size_mb, self.max_high_layers)
         require(
             any(b is not None for b in budgets),
