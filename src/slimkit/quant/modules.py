@@ -272,7 +272,11 @@ class _DynamicQuantizeMatMul(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, qweight_t, w_scale, w_zero, bias):
-        return g.op("com.microsoft::DynamicQuantizeMatMul", x, qweight_t, w_scale, w_zero, bias)
+        out = g.op("com.microsoft::DynamicQuantizeMatMul", x, qweight_t, w_scale, w_zero, bias)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:  # tell the exporter the output's rank (ONNX Runtime infers the rest)
+            out.setType(x.type().with_sizes([None] * len(sizes)))
+        return out
 
 
 def _export_linear(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
