@@ -30,7 +30,7 @@ from torch.utils.data import Dataset, TensorDataset
 from slimkit.data import load_mnist
 from slimkit.distill import MLP, DistillConfig, distill
 from slimkit.metrics import count_parameters
-from slimkit.train import TrainConfig, Trainer
+from slimkit.train import Callback, TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -148,6 +148,16 @@ def unlabeled_sentences(root: str) -> list[str]:
     return sorted({t.strip() for t in texts if t.strip()})
 
 
+def pick_sentences(args) -> list[str]:
+    sentences = unlabeled_sentences(args.data)
+    if args.max_sentences and args.max_sentences < len(sentences):
+        pick = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[
+            : args.max_sentences
+        ]
+        sentences = [sentences[i] for i in sorted(pick.tolist())]
+    return sentences
+
+
 def sts_dev(root: str, tok):
     from slimkit.data import load_stsb
     from slimkit.tasks import build_task
@@ -168,37 +178,73 @@ def latency_batch(root: str, tok) -> dict[str, torch.Tensor]:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+class TimeBudget(Callback):
+    """Stop training once ``seconds`` have passed (the benchmark's wall-time limit); records whether it hit."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.hit, self._start = seconds, False, 0.0
+
+    def on_train_begin(self, trainer) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, trainer) -> None:
+        if time.perf_counter() - self._start > self.seconds:
+            self.hit = True
+            trainer.state["stopped_early"] = True
+
+
+def length_buckets(sentences: list[str], tok, batch_size: int) -> list[list[str]]:
+    """Batches of sentences of similar token length: padding to the longest in a batch then costs little."""
+    lengths = [len(ids) for ids in tok(sentences, truncation=True, max_length=128)["input_ids"]]
+    order = sorted(range(len(sentences)), key=lambda i: (lengths[i], sentences[i]))
+    return [[sentences[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
+
+
 def embedding_distill(student, teacher, tok, sentences, args) -> dict:
-    """Train ``student`` towards the teacher's sentence embeddings (no labels); wall time and throughput."""
-    from slimkit.data import TextDataset
+    """Train ``student`` towards the teacher's sentence embeddings (no labels); wall time and throughput.
+
+    Each dataset item is a whole length-bucketed batch (the Trainer shuffles their order every epoch).
+    """
     from slimkit.distill import no_label_loss, sentence_collate
 
-    data = TextDataset([{"text": t} for t in sentences])
+    chunks = length_buckets(sentences, tok, args.batch_size)
+    collate = sentence_collate(tok, 128)
     cfg = DistillConfig(
         output_loss=args.loss, alpha=1.0, cache=str(RESULTS / "minilm_teacher_cache.safetensors")
     )
     train = TrainConfig(
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=1,  # one bucket of args.batch_size sentences per step
         optimizer="adamw",
         lr=args.lr,
         schedule="cosine",
-        warmup_steps=100,
+        warmup_steps=min(100, len(chunks) // 4),
         seed=0,
         progress=args.progress,
     )
     RESULTS.mkdir(exist_ok=True)
+    budget = TimeBudget(args.budget_min * 60)
     start = time.perf_counter()
     result = distill(
-        student, teacher, data, cfg, train, loss_fn=no_label_loss, collate_fn=sentence_collate(tok, 128)
+        student,
+        teacher,
+        chunks,
+        cfg,
+        train,
+        loss_fn=no_label_loss,
+        collate_fn=lambda items: collate([s for chunk in items for s in chunk]),
+        callbacks=[budget],
     )
     wall = time.perf_counter() - start
+    seen = result.samples_per_s * result.train_time_s  # samples the loop trained on
     return {
         "wall_s": wall,
-        "samples_per_s": len(data) * args.epochs / wall,
+        "samples_per_s": seen / wall,
         "train_loop_samples_per_s": result.samples_per_s,
-        "sentences": len(data),
+        "sentences": len(sentences),
         "epochs": args.epochs,
+        "steps": result.steps,
+        "stopped_by_time_budget": budget.hit,
         "history": result.history,
     }
 
@@ -223,7 +269,7 @@ def minilm(args) -> dict:
         f"  teacher {scores['teacher']:.2f}, student before distillation {scores['student_init']:.2f}",
         file=sys.stderr,
     )
-    sentences = unlabeled_sentences(args.data)
+    sentences = pick_sentences(args)
     run = embedding_distill(student, teacher, tok, sentences, args)
     scores["student"] = score(student)
     ms = time_models({"teacher": teacher, "student": student}, latency_batch(args.data, tok), args.repeats)
@@ -241,7 +287,8 @@ def minilm(args) -> dict:
     print(table(["model", "params", "STS-B dev", "of teacher", "latency ms", "speedup"], rows))
     print(
         f"\ndistillation: {run['sentences']} unlabeled sentences x {run['epochs']} epochs, "
-        f"wall {run['wall_s'] / 60:.1f} min (teacher pass cached in epoch 1), {run['samples_per_s']:.0f} samples/s"
+        f"{run['steps']} steps of {args.batch_size}, wall {run['wall_s'] / 60:.1f} min (teacher outputs cached in "
+        f"epoch 1), {run['samples_per_s']:.1f} samples/s, stopped by time budget: {run['stopped_by_time_budget']}"
     )
     return {"scores": scores, "latency_ms": ms, "run": run, "config": _config(args)}
 
@@ -263,7 +310,7 @@ def recover(args) -> dict:
     scores = {"teacher": score(teacher), "pruned": score(pruned)}
     print(f"  teacher {scores['teacher']:.2f}, pruned {scores['pruned']:.2f}", file=sys.stderr, flush=True)
     recovered = copy.deepcopy(pruned)
-    run = embedding_distill(recovered, teacher, tok, unlabeled_sentences(args.data), args)
+    run = embedding_distill(recovered, teacher, tok, pick_sentences(args), args)
     scores["recovered"] = score(recovered)
     models = {"teacher": teacher, "pruned": pruned, "recovered": recovered}
     ms = time_models(models, latency_batch(args.data, tok), args.repeats)
@@ -281,7 +328,8 @@ def recover(args) -> dict:
     print(table(["model", "params", "STS-B dev", "vs teacher", "latency ms", "speedup"], rows))
     print(
         f"\nrecovery: {run['sentences']} unlabeled sentences x {run['epochs']} epochs, "
-        f"wall {run['wall_s'] / 60:.1f} min, {run['samples_per_s']:.0f} samples/s; pruning took {prune_s:.0f} s"
+        f"{run['steps']} steps, wall {run['wall_s'] / 60:.1f} min, {run['samples_per_s']:.1f} samples/s, "
+        f"stopped by time budget: {run['stopped_by_time_budget']}; pruning took {prune_s:.0f} s"
     )
     return {"scores": scores, "latency_ms": ms, "run": run, "prune_s": prune_s, "config": _config(args)}
 
@@ -316,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--repeats", type=int, default=15)
         p.add_argument("--progress", action="store_true")
+        p.add_argument(
+            "--budget-min", type=float, default=28.0, help="stop distilling after this many minutes"
+        )
+        p.add_argument("--max-sentences", type=int, default=None, help="use a seeded random subset")
         p.set_defaults(func=fn)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
