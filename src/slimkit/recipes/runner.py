@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from slimkit.data.registry import load_data
+from slimkit.errors import ConfigError
 from slimkit.metrics.model import count_macs, count_nonzero, count_parameters, peak_memory
 from slimkit.metrics.speed import compare_latency
 from slimkit.models.loading import load_model
@@ -95,7 +96,10 @@ def _run(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool) -> 
         log.info("step %d/%d: %s (%s)", i + 1, len(recipe.steps), step.name, step.type)
         t0 = time.perf_counter()
         ctx.notes = {}
-        step_type(step.type, f"steps[{i}].type").run(ctx, step.config)
+        try:
+            step_type(step.type, f"steps[{i}].type").run(ctx, step.config)
+        except ConfigError as err:  # a setting that only the data or model could rule out
+            raise err.prefixed(f"steps[{i}]") from None
         snapshot = _measure(ctx, step.name, example, recipe)
         snapshot.figures["step_time_s"] = round(time.perf_counter() - t0, 2)
         snapshots.append(snapshot)
