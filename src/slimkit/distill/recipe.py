@@ -135,10 +135,10 @@ def build_student(ctx, spec: StudentSpec | str, teacher: torch.nn.Module) -> tor
     if spec == "current":
         return ctx.model
     if spec.builtin is not None:
-        from slimkit.models.loading import _builtin_kwargs
+        from slimkit.models.loading import builtin_kwargs
 
         cls = student_models()[spec.builtin]
-        return cls(**_builtin_kwargs(cls, spec.kwargs, ctx.data.num_classes, ctx.data.input_shape))
+        return cls(**builtin_kwargs(cls, spec.kwargs, ctx.data.num_classes, ctx.data.input_shape))
     if spec.prune is not None:
         n = spec.prune.calibration_batches * 32
         batches = ctx.calibration_batches(n, batch_size=32)

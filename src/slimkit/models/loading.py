@@ -69,7 +69,7 @@ def load_model(cfg: ModelConfig, num_classes: int | None = None, input_shape: tu
     tokenizer = None
     if cfg.builtin:
         cls = BUILTIN_MODELS[cfg.builtin]
-        model = cls(**_builtin_kwargs(cls, cfg.kwargs, num_classes, input_shape))
+        model = cls(**builtin_kwargs(cls, cfg.kwargs, num_classes, input_shape))
     elif cfg.hf:
         from slimkit.models.hf import load_hf
 
@@ -83,7 +83,7 @@ def load_model(cfg: ModelConfig, num_classes: int | None = None, input_shape: tu
     return model.eval(), tokenizer
 
 
-def _builtin_kwargs(cls, given: dict, num_classes: int | None, input_shape: tuple | None) -> dict:
+def builtin_kwargs(cls, given: dict, num_classes: int | None, input_shape: tuple | None) -> dict:
     """Fill the data-dependent sizes the user did not set (classes, input channels)."""
     params = inspect.signature(cls).parameters
     unknown = [k for k in given if k not in params]
