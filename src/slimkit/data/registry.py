@@ -147,16 +147,21 @@ def load_data(
     return LOADERS[config.name](path, **kwargs)
 
 
+def path_problem(full: Path, is_file: bool) -> str | None:
+    """What is wrong with an input path (``file not found: ...``), or None if it exists."""
+    if is_file and not full.is_file():
+        return f"file not found: {full}"
+    if not is_file and not full.is_dir():
+        return f"folder not found: {full}"
+    return None
+
+
 def check_path(path: str | Path, base_dir: str | Path | None, field: str, is_file: bool) -> Path:
     """``path`` (relative to ``base_dir`` when given) if it exists, else a DataError naming ``field``."""
     full = Path(path).expanduser()
     if base_dir is not None and not full.is_absolute():
         full = Path(base_dir) / full
-    if is_file and not full.is_file():
-        raise DataError(f"{field}: file not found: {full}")
-    if not is_file and not full.is_dir():
-        raise DataError(f"{field}: folder not found: {full}")
+    problem = path_problem(full, is_file)
+    if problem:
+        raise DataError(f"{field}: {problem}")
     return full
-
-
-_checked_path = check_path  # the name the recipe schema imports

@@ -17,7 +17,7 @@ import yaml
 
 from slimkit.config import from_dict, positive_int, require, to_dict
 from slimkit.data.registry import DataConfig
-from slimkit.errors import ConfigError, DataError
+from slimkit.errors import ConfigError
 from slimkit.models.loading import ModelConfig
 from slimkit.recipes.registry import step_type
 
@@ -116,17 +116,15 @@ def _parse_steps(raw: Any) -> list[Step]:
 
 
 def _check_data_paths(data: DataConfig) -> None:
-    from slimkit.data.registry import FILE_PATHS, check_path
+    from slimkit.data.registry import FILE_PATHS, path_problem
 
-    try:
-        if data.path is not None:
-            data.path = str(check_path(data.path, None, "data.path", data.name in FILE_PATHS))
-        for key in ("test_path", "val_path"):
-            if getattr(data, key):
-                setattr(data, key, str(check_path(getattr(data, key), None, f"data.{key}", True)))
-    except DataError as err:
-        field_path, _, message = str(err).partition(": ")
-        raise ConfigError(field_path, message) from None
+    for key, is_file in (("path", data.name in FILE_PATHS), ("test_path", True), ("val_path", True)):
+        value = getattr(data, key)
+        if value:
+            full = Path(value).expanduser()
+            problem = path_problem(full, is_file)
+            require(problem is None, f"data.{key}", problem or "")
+            setattr(data, key, str(full))
 
 
 def _check_output(recipe: Recipe) -> None:
