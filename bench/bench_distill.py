@@ -12,6 +12,12 @@ minilm:  all-MiniLM-L6-v2 teaches a 3-layer student built from every other teach
 recover: the MiniLM pruned as in bench_prune_minilm.py (50% FFN neurons, 50% heads) recovered by
          distillation from the unpruned teacher.
 
+Options of minilm/recover beyond the defaults: --hidden-weight/--hidden-loss add token-level distillation of
+every block's hidden states (the teacher then runs on every step: its cache holds embeddings only),
+--loss none drops the embedding term, --extra-text adds the sentences of a WikiText file under --data,
+--eval-epochs scores STS-B dev after every epoch, and recover --device cuda trains and scores on a GPU
+(latency, a CPU figure, is then not measured).
+
 Each prints a table and writes the figures to bench/results/distill_<name>.json.
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,9 +50,10 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def save(name: str, figures: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"distill_{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+def save(name: str, figures: dict, out: str | None = None) -> None:
+    path = Path(out) if out else RESULTS / f"distill_{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 # -- 1. Hinton's MNIST ---------------------------------------------------------------------------------
@@ -148,22 +156,69 @@ def unlabeled_sentences(root: str) -> list[str]:
     return sorted({t.strip() for t in texts if t.strip()})
 
 
+def seeded_subset(items: list[str], n: int | None) -> list[str]:
+    """``n`` items drawn with a fixed seed (all of them when ``n`` is None or not smaller), in order."""
+    if not n or n >= len(items):
+        return items
+    pick = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:n]
+    return [items[i] for i in sorted(pick.tolist())]
+
+
 def pick_sentences(args) -> list[str]:
-    sentences = unlabeled_sentences(args.data)
-    if args.max_sentences and args.max_sentences < len(sentences):
-        pick = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0))[
-            : args.max_sentences
-        ]
-        sentences = [sentences[i] for i in sorted(pick.tolist())]
+    """The unlabeled sentences (``--max-sentences`` of them), plus ``--extra-text`` sentences if given."""
+    sentences = seeded_subset(unlabeled_sentences(args.data), args.max_sentences)
+    if args.extra_text:
+        path = Path(args.data) / args.extra_text
+        extra = seeded_subset(wikitext_sentences(path), args.max_extra)
+        print(f"  {len(extra)} extra sentences from {path}", file=sys.stderr, flush=True)
+        sentences = sorted(set(sentences) | set(extra))
     return sentences
 
 
-def sts_dev(root: str, tok):
+# WikiText's tokenization: numbers split as "1 @,@ 000", punctuation set off by spaces.
+_WIKI_JOINS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" n't", "n't"), ("( ", "("), (" )", ")"))
+_SPACE_BEFORE = re.compile(r" ([.,;:!?%]|'s\b|'\s)")
+_SENTENCE_END = re.compile(r"(?<=[.!?]) (?=[A-Z0-9\"(])")
+
+
+def wikitext_sentences(path: Path, min_words: int = 5, max_words: int = 64) -> list[str]:
+    """Sentences of a WikiText file (one paragraph a line, ``= Heading =`` lines), detokenized.
+
+    Headings and empty lines are skipped, and so are very short or long sentences and those with more
+    than one ``<unk>`` (rare words WikiText replaced); a single one becomes BERT's own ``[UNK]`` token.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"--extra-text: no such file {path}")
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or (line.startswith("=") and line.endswith("=")):
+            continue
+        for a, b in _WIKI_JOINS:
+            line = line.replace(a, b)
+        line = _SPACE_BEFORE.sub(r"\1", line)
+        for sentence in _SENTENCE_END.split(line):
+            if sentence.count("<unk>") <= 1 and min_words <= len(sentence.split()) <= max_words:
+                out.append(sentence.replace("<unk>", "[UNK]"))
+    return sorted(set(out))
+
+
+def sts_dev(root: str, tok, device: str = "cpu"):
+    """``score(model)``: STS-B dev Spearman x100, the batches moved to ``device`` (the model's)."""
+    import dataclasses
+
     from slimkit.data import load_stsb
-    from slimkit.tasks import build_task
+    from slimkit.tasks import build_task, pair_forward
+    from slimkit.utils.batch import to_device
 
     bundle = load_stsb(root)
     task = build_task(bundle, tok)
+    if device != "cpu":
+
+        def moved(model, batch):  # the embeddings come back to the CPU, where the gold scores are
+            return tuple(e.cpu() for e in pair_forward(model, to_device(batch, device)))
+
+        task = dataclasses.replace(task, forward=moved)
     return lambda model: task.evaluate(model, bundle.test)["spearman"]
 
 
@@ -193,6 +248,17 @@ class TimeBudget(Callback):
             trainer.state["stopped_early"] = True
 
 
+class EpochScores(Callback):
+    """STS-B dev after every epoch (``--eval-epochs``): how recovery progresses, in the history."""
+
+    def __init__(self, score):
+        self.score = score
+
+    def on_epoch_end(self, trainer, metrics: dict) -> None:
+        metrics["sts_dev"] = self.score(trainer.model)
+        print(f"  epoch {metrics['epoch']}: STS-B dev {metrics['sts_dev']:.2f}", file=sys.stderr, flush=True)
+
+
 def length_buckets(sentences: list[str], tok, batch_size: int) -> list[list[str]]:
     """Batches of sentences of similar token length: padding to the longest in a batch then costs little."""
     lengths = [len(ids) for ids in tok(sentences, truncation=True, max_length=128)["input_ids"]]
@@ -200,25 +266,41 @@ def length_buckets(sentences: list[str], tok, batch_size: int) -> list[list[str]
     return [[sentences[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
 
 
-def embedding_distill(student, teacher, tok, sentences, args) -> dict:
+def distill_config(args) -> DistillConfig:
+    """The losses of ``args``; the teacher-output cache only when no hidden states are distilled.
+
+    The cache keeps whatever the teacher gave the first time it saw a sentence: entries written by an
+    embedding-only run hold no hidden states, and caching every block's token states for 20k sentences
+    would take gigabytes. With a hidden term the teacher therefore runs on every step.
+    """
+    cache = None if args.hidden_weight > 0 or args.no_cache else RESULTS / "minilm_teacher_cache.safetensors"
+    return DistillConfig(
+        output_loss=args.loss,
+        alpha=1.0,
+        hidden_weight=args.hidden_weight,
+        hidden_loss=args.hidden_loss,
+        cache=str(cache) if cache else None,
+    )
+
+
+def embedding_distill(student, teacher, tok, sentences, args, score=None) -> dict:
     """Train ``student`` towards the teacher's sentence embeddings (no labels); wall time and throughput.
 
     Each dataset item is a whole length-bucketed batch (the Trainer shuffles their order every epoch).
+    ``score(model)``, if given, is reported after every epoch.
     """
     from slimkit.distill import no_label_loss, sentence_collate
 
     chunks = length_buckets(sentences, tok, args.batch_size)
     collate = sentence_collate(tok, 128)
-    cfg = DistillConfig(
-        output_loss=args.loss, alpha=1.0, cache=str(RESULTS / "minilm_teacher_cache.safetensors")
-    )
+    cfg = distill_config(args)
     train = TrainConfig(
         epochs=args.epochs,
         batch_size=1,  # one bucket of args.batch_size sentences per step
         optimizer="adamw",
         lr=args.lr,
         schedule="cosine",
-        warmup_steps=min(100, len(chunks) // 4),
+        warmup_steps=min(100, len(chunks) // 4) if args.warmup is None else args.warmup,
         seed=0,
         progress=args.progress,
     )
@@ -233,7 +315,7 @@ def embedding_distill(student, teacher, tok, sentences, args) -> dict:
         train,
         loss_fn=no_label_loss,
         collate_fn=lambda items: collate([s for chunk in items for s in chunk]),
-        callbacks=[budget],
+        callbacks=[budget, *([EpochScores(score)] if score else [])],
     )
     wall = time.perf_counter() - start
     seen = result.samples_per_s * result.train_time_s  # samples the loop trained on
@@ -244,6 +326,8 @@ def embedding_distill(student, teacher, tok, sentences, args) -> dict:
         "sentences": len(sentences),
         "epochs": args.epochs,
         "steps": result.steps,
+        "warmup_steps": train.warmup_steps,
+        "teacher_cache": cfg.cache is not None,
         "stopped_by_time_budget": budget.hit,
         "history": result.history,
     }
@@ -270,7 +354,7 @@ def minilm(args) -> dict:
         file=sys.stderr,
     )
     sentences = pick_sentences(args)
-    run = embedding_distill(student, teacher, tok, sentences, args)
+    run = embedding_distill(student, teacher, tok, sentences, args, score if args.eval_epochs else None)
     scores["student"] = score(student)
     ms = time_models({"teacher": teacher, "student": student}, latency_batch(args.data, tok), args.repeats)
     rows = [
@@ -279,7 +363,7 @@ def minilm(args) -> dict:
         [f"student 3 layers (teacher layers {list(range(args.start, 6, 2))}), no training",
          count_parameters(student), f"{scores['student_init']:.2f}",
          f"{100 * scores['student_init'] / scores['teacher']:.1f}%", "-", "-"],
-        [f"student 3 layers, distilled ({args.loss} on embeddings)", count_parameters(student),
+        [f"student 3 layers, distilled ({losses_label(args)})", count_parameters(student),
          f"{scores['student']:.2f}", f"{100 * scores['student'] / scores['teacher']:.1f}%",
          f"{ms['student']:.0f}", f"{ms['teacher'] / ms['student']:.2f}x"],
     ]  # fmt: skip
@@ -293,43 +377,63 @@ def minilm(args) -> dict:
     return {"scores": scores, "latency_ms": ms, "run": run, "config": _config(args)}
 
 
+def pruned_minilm(teacher, tok, root: str):
+    """The pruning benchmark's MiniLM: 50% FFN neurons + 50% heads, 'output' importance, 256 STS-B train pairs."""
+    from bench_prune_minilm import HEADLINE, calibration_sets, prune_minilm
+
+    from slimkit.data.text import read_stsb_file
+
+    train_rows = read_stsb_file(Path(root) / "stsb" / "sts-train.csv")
+    sentences_b, pairs = calibration_sets(tok, train_rows, n_pairs=256)
+    pruned, _, prune_s = prune_minilm(teacher, HEADLINE, sentences_b, pairs)
+    return pruned, prune_s
+
+
+def losses_label(args) -> str:
+    parts = [] if args.loss == "none" else [f"{args.loss} on embeddings"]
+    if args.hidden_weight > 0:
+        parts.append(f"{args.hidden_weight:g} x {args.hidden_loss} on every block's hidden states")
+    return " + ".join(parts)
+
+
 def recover(args) -> dict:
     """The pruning benchmark's MiniLM (50% FFN neurons, 50% heads, 'output' importance) recovered by distillation."""
     import copy
 
-    from bench_prune_minilm import HEADLINE, calibration_sets, prune_minilm
-
-    from slimkit.data.text import read_stsb_file
     from slimkit.models.hf import load_hf
 
     teacher, tok = load_hf("minilm")
-    train_rows = read_stsb_file(Path(args.data) / "stsb" / "sts-train.csv")
-    sentences_b, pairs = calibration_sets(tok, train_rows, n_pairs=256)
-    pruned, _, prune_s = prune_minilm(teacher, HEADLINE, sentences_b, pairs)
-    score = sts_dev(args.data, tok)
+    pruned, prune_s = pruned_minilm(teacher, tok, args.data)  # on the CPU, as in the pruning benchmark
+    teacher, pruned = teacher.to(args.device), pruned.to(args.device)
+    score = sts_dev(args.data, tok, args.device)
     scores = {"teacher": score(teacher), "pruned": score(pruned)}
     print(f"  teacher {scores['teacher']:.2f}, pruned {scores['pruned']:.2f}", file=sys.stderr, flush=True)
     recovered = copy.deepcopy(pruned)
-    run = embedding_distill(recovered, teacher, tok, pick_sentences(args), args)
+    sentences = pick_sentences(args)
+    run = embedding_distill(recovered, teacher, tok, sentences, args, score if args.eval_epochs else None)
     scores["recovered"] = score(recovered)
     models = {"teacher": teacher, "pruned": pruned, "recovered": recovered}
-    ms = time_models(models, latency_batch(args.data, tok), args.repeats)
+    ms = time_models(models, latency_batch(args.data, tok), args.repeats) if args.device == "cpu" else None
     labels = {
         "teacher": "all-MiniLM-L6-v2 (teacher)",
         "pruned": "pruned 50% FFN + 50% heads, before recovery",
-        "recovered": f"pruned, recovered by distillation ({args.loss} on embeddings)",
+        "recovered": f"pruned, recovered by distillation ({losses_label(args)})",
     }
     rows = [
         [labels[k], count_parameters(m), f"{scores[k]:.2f}", f"{scores[k] - scores['teacher']:+.2f}",
-         f"{ms[k]:.0f}", f"{ms['teacher'] / ms[k]:.2f}x"]
+         f"{ms[k]:.0f}" if ms else "-", f"{ms['teacher'] / ms[k]:.2f}x" if ms else "-"]
         for k, m in models.items()
     ]  # fmt: skip
-    print("\nSTS-B dev Spearman x100; latency: median ms, batch 64 x 128 tokens, 2 threads, interleaved")
+    if ms:
+        print("\nSTS-B dev Spearman x100; latency: median ms, batch 64 x 128 tokens, 2 threads, interleaved")
+    else:
+        print(f"\nSTS-B dev Spearman x100; latency not measured on {args.device} (it is a CPU figure)")
     print(table(["model", "params", "STS-B dev", "vs teacher", "latency ms", "speedup"], rows))
     print(
-        f"\nrecovery: {run['sentences']} unlabeled sentences x {run['epochs']} epochs, "
+        f"\nrecovery on {args.device}: {run['sentences']} unlabeled sentences x {run['epochs']} epochs, "
         f"{run['steps']} steps, wall {run['wall_s'] / 60:.1f} min, {run['samples_per_s']:.1f} samples/s, "
-        f"stopped by time budget: {run['stopped_by_time_budget']}; pruning took {prune_s:.0f} s"
+        f"teacher cache: {run['teacher_cache']}, stopped by time budget: {run['stopped_by_time_budget']}; "
+        f"pruning took {prune_s:.0f} s"
     )
     return {"scores": scores, "latency_ms": ms, "run": run, "prune_s": prune_s, "config": _config(args)}
 
@@ -343,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="JSON file (default bench/results/distill_<name>.json)")
     sub = parser.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("hinton", help="Hinton's MNIST teacher/student")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -358,7 +463,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--epochs", type=int, default=3)
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--lr", type=float, default=1e-4)
-        p.add_argument("--loss", choices=("mse", "cosine"), default="cosine")
+        p.add_argument(
+            "--loss", choices=("mse", "cosine", "none"), default="cosine", help="on the sentence embeddings"
+        )
+        p.add_argument(
+            "--hidden-weight", type=float, default=0.0, help="weight of every block's hidden-state term"
+        )
+        p.add_argument("--hidden-loss", choices=("mse", "cosine"), default="mse")
         p.add_argument(
             "--start", type=int, default=1, help="first teacher layer kept (every other one after)"
         )
@@ -368,12 +479,21 @@ def main(argv: list[str] | None = None) -> int:
             "--budget-min", type=float, default=28.0, help="stop distilling after this many minutes"
         )
         p.add_argument("--max-sentences", type=int, default=None, help="use a seeded random subset")
+        p.add_argument(
+            "--extra-text", default=None, help="WikiText-format file under --data (e.g. wikitext2/valid.txt)"
+        )
+        p.add_argument("--max-extra", type=int, default=None, help="seeded subset of the extra sentences")
+        p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(100, steps/4))")
+        p.add_argument("--no-cache", action="store_true", help="run the teacher on every step")
+        p.add_argument("--eval-epochs", action="store_true", help="score STS-B dev after every epoch")
+        if name == "recover":
+            p.add_argument("--device", default="cpu", help="cuda: train and score there (no latency)")
         p.set_defaults(func=fn)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     figures = args.func(args)
-    save(args.bench, figures)
+    save(args.bench, figures, args.out)
     return 0
 
 

@@ -239,6 +239,21 @@ def test_hidden_distillation_with_projection_and_cache(digits_teacher, tmp_path)
     assert not teacher.training
 
 
+def test_cache_of_an_outputs_only_run_is_refilled_for_hidden_distillation(digits_teacher, tmp_path):
+    data, teacher = digits_teacher
+    x, y = _stack(data.train)
+    subset = TensorDataset(x[:64], y[:64])
+    path = str(tmp_path / "t.st")
+    train = TrainConfig(epochs=1, lr=1e-3, progress=False)
+    distill(DigitsCNN(width=4), teacher, subset, DistillConfig(cache=path), train)
+    assert not any(k.startswith("layer:") for e in TeacherCache(path).entries.values() for k in e)
+    hidden = DistillConfig(hidden_weight=1.0, layer_map={"features.5": "features.5"}, cache=path)
+    result = distill(DigitsCNN(width=4), teacher, subset, hidden, train)  # used to fail on the cached entries
+    assert result.history[-1]["distill_hidden"] > 0
+    entries = TeacherCache(path).entries
+    assert len(entries) == 64 and all("layer:features.5#0" in e for e in entries.values())
+
+
 def test_projection_is_trained(digits_teacher):
     data, teacher = digits_teacher
     cb = DistillationCallback(

