@@ -35,7 +35,7 @@ from slimkit.data.text import read_stsb_file
 from slimkit.metrics import compare_latency, spearman
 from slimkit.models.hf import minilm_path
 from slimkit.quant import Int8DynamicConfig, MixedPrecisionConfig, load_quantized, quantize_, save_quantized
-from slimkit.quant.ort import OrtModule, export_onnx, to_onnxruntime
+from slimkit.quant.ort import OrtModule, export_onnx, to_onnxruntime, with_padding
 from slimkit.quant.sensitivity import plot_sensitivity
 from slimkit.utils.io import save_weights, write_json
 
@@ -66,18 +66,6 @@ def packed_batch(tok, rows, n=64, length=128) -> dict[str, torch.Tensor]:
         "attention_mask": torch.ones_like(input_ids),
         "token_type_ids": torch.zeros_like(input_ids),
     }
-
-
-def with_padding(example: dict[str, torch.Tensor], pad: int = 16) -> dict[str, torch.Tensor]:
-    """The example with its first row's tail masked out, for export.
-
-    The TorchScript exporter records one path through the model: traced with an
-    all-ones mask, transformers skips masking altogether and the exported graph
-    would ignore padding forever after.
-    """
-    out = {k: v.clone() for k, v in example.items()}
-    out["attention_mask"][0, -pad:] = 0
-    return out
 
 
 def sentence_batches(tok, sentences, batch=64, length=128) -> list[dict[str, torch.Tensor]]:
@@ -131,7 +119,7 @@ def build_peers(model, example, tmp: Path, rows: dict) -> None:
     rows["PyTorch quantize_dynamic"] = (torch_runner(qd), state_bytes(qd.state_dict()), "fbgemm/x86 engine")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    export_onnx(model, with_padding(example), tmp / "fp32.onnx")
+    export_onnx(model, with_padding(example, pad=16), tmp / "fp32.onnx")
     quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "ort_q.onnx"), weight_type=QuantType.QInt8)
     ort_q = OrtModule(tmp / "ort_q.onnx")
     rows["ORT quantize_dynamic"] = (lambda b: ort_q(**b), ort_q.file_size(), "per-tensor weights")
@@ -165,7 +153,7 @@ def build_slimkit(model, example, calib, tmp: Path, args, rows: dict, info: dict
     info["slimkit_int8_payload_bytes"] = sum(t.numel() * t.element_size() for t in q.state_dict().values())
     info["slimkit_int8_file_bytes"] = size
     info["reload_max_abs_diff"] = _reload_check(model, q, tmp / "slimkit_int8.safetensors", example)
-    ort_int8 = to_onnxruntime(q, with_padding(example), tmp / "slimkit_int8.onnx")
+    ort_int8 = to_onnxruntime(q, with_padding(example, pad=16), tmp / "slimkit_int8.onnx")
     info["slimkit_int8_onnx_bytes"] = ort_int8.file_size()
     rows["slimkit int8 (ORT kernels)"] = (lambda b: ort_int8(**b), size, "per-channel w, per-tensor act")
     rows["slimkit int8 (torch._int_mm)"] = (torch_runner(q), size, "pure PyTorch path")
@@ -187,7 +175,7 @@ def build_slimkit(model, example, calib, tmp: Path, args, rows: dict, info: dict
     plot = plot_sensitivity(summary["analysis"], args.out.with_name("quant_sensitivity.png"))
     info["sensitivity_plot"] = str(plot)
     size = save_quantized(mixed, tmp / "slimkit_mixed.safetensors")
-    ort_mixed = to_onnxruntime(mixed, with_padding(example), tmp / "slimkit_mixed.onnx")
+    ort_mixed = to_onnxruntime(mixed, with_padding(example, pad=16), tmp / "slimkit_mixed.onnx")
     kept = len(summary["analysis"]["high"])
     rows["slimkit mixed (ORT kernels)"] = (lambda b: ort_mixed(**b), size, f"{kept} layers kept fp32")
 

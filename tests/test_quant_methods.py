@@ -235,7 +235,42 @@ def test_tiny_transformer_on_onnxruntime_matches_torch_int8(tmp_path):
     # Q, K and V share one quantized input; the other Linears quantize their own.
     assert ops.count("MatMulIntegerToFloat") == 6 and ops.count("DynamicQuantizeMatMul") == 6
     assert ops.count("DynamicQuantizeLinear") == 2
+    # Attention is one fused node per layer, with no NaN guards around its softmax.
+    assert ops.count("MultiHeadAttention") == 2 and "IsNaN" not in ops and "Softmax" not in ops
+    assert q.config._attn_implementation == model.config._attn_implementation  # the copy was changed
     out_ort = ort_model(**x)
     out_torch = q(**x).last_hidden_state
     assert sqnr_db(out_torch, out_ort) > 30.0  # the same int8 arithmetic in both runtimes
     assert sqnr_db(ref, out_ort) > 25.0
+    other = _bert_inputs(n=3, length=9, seed=5)  # batch and length differ from the export example
+    assert sqnr_db(q(**other).last_hidden_state, ort_model(**other)) > 30.0
+
+
+def test_causal_grouped_query_model_exports_with_fused_attention(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    from slimkit.quant.ort import OrtModule, export_onnx
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    x["attention_mask"][1, :3] = 0  # left padding
+    path = export_onnx(model, x, tmp_path / "llama.onnx", output_fn=lambda out: out.logits)
+    import onnx
+
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("MultiHeadAttention") == 2
+    with torch.inference_mode():
+        ref = model(**x).logits
+    got = OrtModule(path)(**x)
+    real = x["attention_mask"].bool()
+    assert torch.allclose(got[real], ref[real], atol=1e-4)  # causal mask and grouped KV heads kept

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from slimkit.errors import ModelError
 from slimkit.metrics.modes import eval_mode
 from slimkit.utils.io import save_weights
 
@@ -81,8 +82,16 @@ def _packed_tensors(module: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def _declared(model: nn.Module, key: str) -> int | None:
+    """A runtime wrapper (an ONNX Runtime session) holds no torch weights; it declares its source model's counts."""
+    counts = getattr(model, "source_counts", None)
+    return None if counts is None else counts[key]
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of weights; a tensor shared by several layers (tied weights) counts once."""
+    if (declared := _declared(model, "params")) is not None:
+        return declared
     with torch.no_grad():
         return sum(t.numel() for t in _effective_tensors(model))
 
@@ -100,6 +109,8 @@ def _nonzero(t: torch.Tensor) -> int:
 
 def count_nonzero(model: nn.Module) -> int:
     """Number of non-zero weights (masked weights for pruned layers; tied weights once)."""
+    if (declared := _declared(model, "nonzero")) is not None:
+        return declared
     with torch.no_grad():
         return sum(_nonzero(t) for t in _effective_tensors(model))
 
@@ -149,6 +160,8 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of
     keyword inputs. The model runs once in eval mode under ``torch.no_grad``.
     """
+    if hasattr(model, "source_counts"):
+        raise ModelError(f"{type(model).__name__}: its operations run outside PyTorch and cannot be counted")
     counter = FlopCounterMode(display=False, custom_mapping=_custom_flop_mapping())
     extra = [0]
     handles = []

@@ -32,6 +32,7 @@ from slimkit.config import positive_int
 from slimkit.errors import ConfigError
 from slimkit.quant.api import convert_, prepare_, quantize_
 from slimkit.quant.config import METHODS, QATConfig, config_from_dict
+from slimkit.quant.export_step import STEP as EXPORT_STEP
 from slimkit.quant.serialize import save_quantized
 from slimkit.recipes.registry import StepType
 from slimkit.train import TrainConfig
@@ -117,5 +118,6 @@ STEPS = {
         run_quantize,
         changes_model=True,
         doc="quantize to int8/int4 (static, dynamic, weight-only RTN/GPTQ, QAT, mixed precision, bf16)",
-    )
+    ),
+    "export": EXPORT_STEP,
 }

@@ -20,6 +20,7 @@ STEP_MODULES = {
     "evaluate": "slimkit.recipes.core_steps",
     "prune": "slimkit.prune.recipe",
     "quantize": "slimkit.quant.recipe",
+    "export": "slimkit.quant.recipe",
     "distill": "slimkit.distill.recipe",
     "finetune": "slimkit.transfer.recipe",
     "multitask": "slimkit.transfer.recipe",
@@ -34,6 +35,7 @@ class StepType:
     run: Callable[[Any, Any], None]
     changes_model: bool = True
     doc: str = ""
+    last_only: bool = False  # nothing can follow it (e.g. export: the model leaves PyTorch)
 
 
 def available_steps() -> dict[str, StepType]:

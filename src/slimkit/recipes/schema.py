@@ -111,6 +111,9 @@ def _parse_steps(raw: Any) -> list[Step]:
         require(isinstance(name, str) and name.strip() != "", f"{path}.name", "must be a non-empty string")
         require(name not in names, f"{path}.name", f"{name!r} is used by an earlier step; give each a name")
         names.add(name)
+        require(
+            not kind.last_only or i == len(raw) - 1, f"{path}.type", f"{entry['type']} must be the last step"
+        )
         steps.append(Step(entry["type"], name, from_dict(kind.config, body, path)))
     return steps
 

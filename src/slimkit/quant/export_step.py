@@ -1,0 +1,86 @@
+"""The ``export`` recipe step: the model from here on runs in ONNX Runtime.
+
+YAML::
+
+    - type: export
+      runtime: onnxruntime   # the only runtime so far
+      threads: 2             # the session's intra-op threads
+      example_samples: 8     # train samples traced for export (text: padded, see below)
+
+The step exports the current model (float or slimkit-quantized; dynamic int8
+layers become ONNX Runtime's int8 MatMuls, attention its fused kernel, see
+:mod:`slimkit.quant.ort`) and replaces it by an :class:`~slimkit.quant.ort.OrtModule`,
+so the report's row is measured on ONNX Runtime: task metrics, file size (the
+``.onnx`` file), latency beside every earlier step. An exported model cannot
+be trained or changed any more, so ``export`` must be the recipe's last step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slimkit.config import one_of, positive_int
+from slimkit.recipes.registry import StepType
+from slimkit.utils.io import atomic_path
+
+RUNTIMES = ("onnxruntime",)
+ONNX_NAME = "model.onnx"
+
+
+@dataclass
+class ExportStepConfig:
+    runtime: str = "onnxruntime"
+    threads: int = 2
+    example_samples: int = 8
+
+    def __post_init__(self):
+        one_of(self.runtime, "runtime", RUNTIMES)
+        positive_int(self.threads, "threads")
+        positive_int(self.example_samples, "example_samples")
+
+
+def export_example(ctx, samples: int) -> dict[str, torch.Tensor]:
+    """Model inputs from the train split, by keyword, with padding in them (text) so masking is traced."""
+    from slimkit.quant.ort import with_padding
+    from slimkit.tasks import model_inputs
+
+    batch = ctx.calibration_batches(samples, samples)[0]
+    if isinstance(batch, dict):
+        return with_padding(model_inputs(batch))
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    name = next(iter(inspect.signature(ctx.model.forward).parameters))  # export passes inputs by keyword
+    return {name: x}
+
+
+def save_onnx(model, path: Path) -> int:
+    """Write the exported model's ``.onnx`` file to ``path`` (the runner's saver); returns bytes."""
+    path = Path(path)
+    if path.resolve() != model.path.resolve():
+        with atomic_path(path) as tmp:
+            shutil.copyfile(model.path, tmp)
+    return path.stat().st_size
+
+
+def run_export(ctx, config: ExportStepConfig) -> None:
+    from slimkit.quant.ort import to_onnxruntime
+
+    example = export_example(ctx, config.example_samples)
+    path = ctx.run_dir / ONNX_NAME
+    ctx.model = to_onnxruntime(ctx.model, example, path, threads=config.threads)
+    ctx.saver, ctx.weights_name = save_onnx, ONNX_NAME
+    ctx.notes.update(runtime=config.runtime, onnx_file=ONNX_NAME)
+    ctx.log.info("export: %s, %d bytes", path.name, path.stat().st_size)
+
+
+STEP = StepType(
+    ExportStepConfig,
+    run_export,
+    changes_model=True,
+    last_only=True,
+    doc="export to ONNX Runtime (int8 kernels, fused attention); must be the last step",
+)
