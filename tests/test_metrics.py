@@ -163,6 +163,17 @@ def test_count_parameters_lenet300100_and_tied_weights():
     assert count_parameters(Tied()) == 50 * 8
 
 
+def test_count_parameters_of_quantized_layers_with_equal_shapes():
+    # Four same-shaped int8 layers: each dequantized weight is a fresh tensor, and
+    # none may be mistaken for a tied copy of another.
+    from slimkit.quant import Int8DynamicConfig, quantize_
+
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+    float_count = count_parameters(model)
+    quantize_(model, Int8DynamicConfig())
+    assert count_parameters(model) == float_count == 4 * (32 * 32 + 32)
+
+
 def test_count_nonzero_sees_pruning_masks():
     model = LeNet300100()
     prune.l1_unstructured(model.net[1], "weight", amount=0.5)

@@ -106,3 +106,33 @@ def test_export_must_be_last_and_names_unexportable_layers(tmp_path, capsys):
     assert main(["run", str(path), "--quiet"]) != 0
     assert "features.0 (int8 Conv2d)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_shipped_onnxruntime_recipe_on_a_tiny_encoder(tmp_path, data_dir, capsys):
+    """recipes/minilm_int8_onnxruntime.yaml through the real CLI, with a 2-layer BERT for MiniLM."""
+    pytest.importorskip("onnxruntime")
+    from tests.transfer_helpers import tiny_bert, tokenizer
+
+    if not (data_dir / "stsb").exists():
+        pytest.skip("STS-B is not in the shared data folder")
+    folder = tmp_path / "tiny_bert"
+    tok = tokenizer()
+    tiny_bert(tok.vocab_size).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm_int8_onnxruntime.yaml"
+    overrides = [
+        f"model.hf={folder}",
+        f"data.path={data_dir / 'stsb'}",
+        f"output={tmp_path / 'run'}",
+        "measure.repeats=2",
+        "measure.batch_size=16",
+    ]
+    assert main(["run", str(recipe), *overrides, "--quiet"]) == 0, capsys.readouterr().err
+    run = tmp_path / "run"
+    fp32, int8, exported = json.loads((run / "report.json").read_text())["rows"]
+    assert [r["step"] for r in (fp32, int8, exported)] == ["fp32", "int8_dynamic", "onnxruntime_int8"]
+    assert exported["size_bytes"] == (run / "model.onnx").stat().st_size < fp32["size_bytes"] / 3
+    # int8 is int8 in either runtime: both scores stay within a point of each other and of float's.
+    rho = [r["metrics"]["spearman"] for r in (fp32, int8, exported)]
+    assert abs(rho[1] - rho[0]) < 1.0 and abs(rho[2] - rho[1]) < 1.0
+    assert exported["params"] == int8["params"] == fp32["params"]

@@ -37,7 +37,12 @@ def _effective_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
       yield their quantized weight and bias.
     """
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    # Packed layers hand out freshly dequantized tensors; holding them until the
+    # end stops the allocator from reusing an address, which would make two
+    # distinct same-shaped weights look tied and undercount the model.
+    alive: list[torch.Tensor] = []
     for tensor in _weights_in_use(model):
+        alive.append(tensor)
         try:
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         except (RuntimeError, NotImplementedError):  # tensor subclasses without plain storage
