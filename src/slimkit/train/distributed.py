@@ -22,6 +22,7 @@ Outside torchrun (no ``WORLD_SIZE`` > 1) every function here is a no-op.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -65,6 +66,14 @@ def init_process_group(backend: str | None = None) -> None:
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
+    # Left to interpreter shutdown, gloo's worker threads can be torn down while still
+    # joinable, and the process dies with SIGABRT after its work is done.
+    atexit.register(_leave_group)
+
+
+def _leave_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process(env: DistEnv | None = None) -> bool:
