@@ -208,6 +208,50 @@ def test_int8_builtin_models_stay_close_to_float(config):
         assert sqnr_db(ref, model(x)) > 30.0
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+        dict(kernel_size=1),
+        dict(kernel_size=5, stride=2),
+    ],
+)
+def test_int8_conv_equals_float_conv_of_the_dequantized_operands(conv):
+    """Patches, column order and rescaling: the integer path is exact up to float rounding."""
+    torch.manual_seed(0)
+    float_conv = nn.Conv2d(6, 10, **conv).eval()
+    x = torch.randn(3, 6, 13, 11)
+    model = nn.Sequential(copy.deepcopy(float_conv))
+    quantize_(model, Int8StaticConfig(), calibration_data=[x])
+    q = model[0]
+    assert isinstance(q, QuantConv2d)
+    xq = torch.clamp(torch.round(x / q.x_scale) + q.x_zero, -128, 127)
+    x_deq = (xq - q.x_zero) * q.x_scale
+    w_deq = q.weight()
+    expected = nn.functional.conv2d(
+        x_deq, w_deq, q.bias(), float_conv.stride, float_conv.padding, float_conv.dilation
+    )
+    got = q(x)
+    assert got.shape == float_conv(x).shape
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert sqnr_db(float_conv(x), got) > 30.0
+
+
+def test_static_layer_follows_buffers_loaded_after_first_use():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8)).eval()
+    x = torch.randn(4, 16)
+    quantize_(model, Int8StaticConfig(), calibration_data=[x])
+    first = model(x)
+    state = copy.deepcopy(model.state_dict())
+    state["0.x_scale"] = state["0.x_scale"] * 2  # a coarser activation grid must change the outputs
+    model.load_state_dict(state)
+    assert not torch.equal(model(x), first)
+    model.load_state_dict({k: v / 2 if k == "0.x_scale" else v for k, v in state.items()})
+    assert torch.equal(model(x), first)
+
+
 def test_weight_only_int8_and_int4_on_real_kernels():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
