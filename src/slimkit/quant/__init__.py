@@ -22,6 +22,7 @@ from slimkit.quant.config import (
     WeightOnlyConfig,
     config_from_dict,
 )
+from slimkit.quant.fold import fold_batchnorm_
 from slimkit.quant.qat import QATCallback
 from slimkit.quant.serialize import load_quantized, save_quantized
 
@@ -39,6 +40,7 @@ __all__ = [
     "convert_",
     "dequantize",
     "fake_quantize",
+    "fold_batchnorm_",
     "is_prepared",
     "load_quantized",
     "pack_int4",

@@ -11,6 +11,7 @@ shape raises an error naming it and leaves the model as it was.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,9 @@ from slimkit.quant.config import (
     WeightOnlyConfig,
     config_from_dict,
 )
+from slimkit.quant.fold import conv_bn_pairs, folded_conv
 from slimkit.quant.gptq import HessianAccumulator
+from slimkit.quant.modules import FoldedBatchNorm
 from slimkit.quant.observers import make_observer
 from slimkit.quant.plan import Plan, build_plan, get_module, set_module
 from slimkit.quant.qat import QATConv2d, QATLinear, to_qat
@@ -48,6 +51,8 @@ class _State:
     hooks: list = field(default_factory=list)
     batches: list = field(default_factory=list)  # kept for mixed precision's sensitivity analysis
     forward: Forward | None = None
+    example: Any = None  # the first calibration batch: traced to find BatchNorms to fold
+    paused: bool = False  # collectors ignore forward passes that are not calibration
 
 
 def as_config(config: Any) -> Any:
@@ -84,7 +89,7 @@ def prepare_(model: nn.Module, config: Any) -> Plan:
         collectors = _collectors(get_module(model, name), cfg)
         if collectors:
             state.collectors[name] = collectors
-            state.hooks.append(get_module(model, name).register_forward_pre_hook(_hook(collectors)))
+            state.hooks.append(get_module(model, name).register_forward_pre_hook(_hook(collectors, state)))
     for name, cfg in plan.layers.items():
         if isinstance(cfg, QATConfig):
             set_module(model, name, to_qat(get_module(model, name), cfg))
@@ -109,8 +114,10 @@ def _collectors(module: nn.Module, cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _hook(collectors: dict[str, Any]):
+def _hook(collectors: dict[str, Any], state: _State):
     def hook(module: nn.Module, args: tuple) -> None:
+        if state.paused:
+            return
         x = args[0]
         for name, collector in collectors.items():
             collector.update(x.reshape(-1, x.shape[-1]) if name == "act_channels" else x)
@@ -149,6 +156,7 @@ def calibrate(
         raise DataError("calibration: no batches were given")
     state.batches.extend(kept if isinstance(state.config, MixedPrecisionConfig) else [])
     state.forward = forward
+    state.example = kept[0] if state.example is None else state.example
     return used
 
 
@@ -182,17 +190,48 @@ def convert_(model: nn.Module) -> dict[str, dict[str, str]]:
         raise DataError(
             f"layers saw no input during calibration: {', '.join(missing[:5])} (run calibrate first)"
         )
+    folds = _batchnorm_folds(model, state, plan)
     new = {
-        name: builders.build(get_module(model, name), cfg, state.collectors.get(name, {}))
+        name: builders.build(
+            folds.get(name, (get_module(model, name),))[0], cfg, state.collectors.get(name, {})
+        )
         for name, cfg in plan.layers.items()
     }
     _detach(model, state)
     for name, module in new.items():
         set_module(model, name, module)
+    for _, bn in folds.values():
+        set_module(model, bn, FoldedBatchNorm())
     result = summary(new, plan.skipped)
+    if folds:
+        result["folded"] = {bn: conv for conv, (_, bn) in folds.items()}
     if hasattr(plan, "analysis"):
         result["analysis"] = plan.analysis
     return result
+
+
+def _batchnorm_folds(model: nn.Module, state: _State, plan: Plan) -> dict[str, tuple[nn.Module, str]]:
+    """``{conv: (folded copy, batchnorm name)}`` for the static-int8 convs a BatchNorm alone reads."""
+    config = state.config
+    if not (isinstance(config, Int8StaticConfig) and config.fold_batchnorm and state.example is not None):
+        return {}
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return {}
+    state.paused = True  # the tracing pass must not count as calibration
+    try:
+        pairs = conv_bn_pairs(model, state.forward or default_forward, state.example)
+    except Exception as err:  # an untraceable model still quantizes correctly, just without folding
+        warnings.warn(
+            f"BatchNorm folding skipped: the forward pass could not be traced ({err})", stacklevel=3
+        )
+        return {}
+    finally:
+        state.paused = False
+    return {
+        conv: (folded_conv(get_module(model, conv), get_module(model, bn)), bn)
+        for conv, bn in pairs.items()
+        if isinstance(plan.layers.get(conv), (Int8StaticConfig, Int8DynamicConfig))
+    }
 
 
 def _empty(collectors: dict[str, Any]) -> bool:

@@ -87,7 +87,12 @@ class Int8DynamicConfig(_Common):
 
 @dataclass
 class Int8StaticConfig(_Common):
-    """int8 weights and activations; activation ranges fixed by calibration on data."""
+    """int8 weights and activations; activation ranges fixed by calibration on data.
+
+    ``fold_batchnorm``: a Conv2d read only by a BatchNorm2d takes the BatchNorm's
+    affine map into its weights before they are quantized (the BatchNorm becomes
+    an identity), found on a traced forward pass of the first calibration batch.
+    """
 
     activation_observer: str = "minmax"
     activation_symmetric: bool = False
@@ -95,9 +100,11 @@ class Int8StaticConfig(_Common):
     weight_observer: str = "minmax"
     smoothquant: bool = False
     smoothquant_alpha: float = 0.5
+    fold_batchnorm: bool = True
 
     def __post_init__(self):
         super().__post_init__()
+        require(isinstance(self.fold_batchnorm, bool), "fold_batchnorm", "must be true or false")
         one_of(self.activation_observer, "activation_observer", OBSERVERS)
         one_of(self.weight_observer, "weight_observer", WEIGHT_OBSERVERS)
         in_range(self.percentile, "percentile", 50.0, 100.0)

@@ -30,6 +30,10 @@ class _Packed(nn.Module):
         self.register_buffer("bias_value", None if bias is None else bias.detach().float().clone())
 
 
+class FoldedBatchNorm(nn.Identity):
+    """Where a BatchNorm2d was: its affine map now lives in the Conv2d before it (see ``quant.fold``)."""
+
+
 class QuantLinear(_Packed):
     """int8 x int8 Linear. ``mode``: ``dynamic`` (activation scale per call) or ``static`` (calibrated)."""
 

@@ -97,6 +97,7 @@ def run_quantize(ctx, config) -> None:
         quant_method=quant.method,
         quantized_layers=len(summary["quantized"]),
         kept_float=sorted(summary["skipped"]),
+        folded_batchnorms=len(summary.get("folded", {})),
     )
     if "analysis" in summary:
         from slimkit.quant.sensitivity import plot_sensitivity
@@ -105,10 +106,11 @@ def run_quantize(ctx, config) -> None:
         # Relative to the run folder (which is renamed into place when the run ends).
         ctx.notes.update(sensitivity_plot=plot.name, mixed_kept=summary["analysis"]["high"])
     ctx.log.info(
-        "quantize: %s, %d layers quantized, %d kept float",
+        "quantize: %s, %d layers quantized, %d kept float, %d BatchNorms folded",
         quant.method,
         len(summary["quantized"]),
         len(summary["skipped"]),
+        len(summary.get("folded", {})),
     )
 
 

@@ -20,12 +20,19 @@ from torch import nn
 
 from slimkit.errors import ModelError
 from slimkit.quant.affine import pack_int4, unpack_int4
-from slimkit.quant.modules import BF16Linear, QuantConv2d, QuantEmbedding, QuantLinear, WeightOnlyLinear
+from slimkit.quant.modules import (
+    BF16Linear,
+    FoldedBatchNorm,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+    WeightOnlyLinear,
+)
 from slimkit.quant.plan import get_module, set_module
 from slimkit.utils.io import load_weights_file, save_weights, state_dict_for_saving
 
 META_KEY = "slimkit_quant"
-QUANT_TYPES = (QuantLinear, QuantConv2d, WeightOnlyLinear, QuantEmbedding, BF16Linear)
+QUANT_TYPES = (QuantLinear, QuantConv2d, WeightOnlyLinear, QuantEmbedding, BF16Linear, FoldedBatchNorm)
 
 
 def describe(module: nn.Module) -> dict[str, Any]:
@@ -55,13 +62,15 @@ def describe(module: nn.Module) -> dict[str, Any]:
         }
     if isinstance(module, QuantEmbedding):
         return {"class": "QuantEmbedding"}
+    if isinstance(module, FoldedBatchNorm):
+        return {"class": "FoldedBatchNorm"}
     return {"class": "BF16Linear"}
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> int:
     """Write ``model`` (after ``convert_``) to ``path`` (.safetensors); returns the file size in bytes."""
     layers = {n: describe(m) for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
-    if not layers:
+    if all(info["class"] == "FoldedBatchNorm" for info in layers.values()):
         raise ModelError(f"{type(model).__name__} has no quantized layer to save (run quantize_ first)")
     state = state_dict_for_saving(model)
     for name, info in layers.items():
@@ -104,6 +113,8 @@ def _rebuild(
         )
     elif kind == "BF16Linear":
         mod = BF16Linear.from_float(float_module)
+    elif kind == "FoldedBatchNorm":
+        mod = FoldedBatchNorm()
     else:
         raise ModelError(f"{name}: unknown quantized layer class {kind!r}")
     for buffer in ("bias_value", "in_scale"):
