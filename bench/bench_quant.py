@@ -10,11 +10,15 @@ positions). Quality: STS-B dev Spearman of mean-pooled embeddings (every
 sentence padded to 128 tokens, batches of 64) and the mean cosine of each
 row's embeddings to the fp32 ones. Calibration uses STS-B *train* sentences.
 
+Part ``layers``: single Conv2d and Linear layers of ResNet-like and MiniLM shapes, fp32
+against slimkit's PyTorch int8 path (static and per-tensor dynamic), interleaved, with the
+SQNR of each int8 output against fp32 (random weights and inputs: a kernel benchmark).
+
 Part ``cnn``: LeNet-5 trained on MNIST (8000 of the 10k test images; scored on
 the other 2000), then static int8 (calibrated on training images) and QAT with
 4-bit weights, both against the float accuracy.
 
-    .venv/bin/python bench/bench_quant.py --data ../shared/data [--part minilm|cnn|all]
+    .venv/bin/python bench/bench_quant.py --data ../shared/data [--part minilm|layers|cnn|all]
 """
 
 from __future__ import annotations
@@ -282,6 +286,51 @@ def cnn(args) -> dict:
     return out
 
 
+LAYERS = {  # name: (layer, input shape)
+    "conv 3x3 64->64, 16x64x56x56": (lambda: torch.nn.Conv2d(64, 64, 3, padding=1), (16, 64, 56, 56)),
+    "conv 3x3 128->128, 16x128x28x28": (lambda: torch.nn.Conv2d(128, 128, 3, padding=1), (16, 128, 28, 28)),
+    "conv 3x3 256->256, 16x256x14x14": (lambda: torch.nn.Conv2d(256, 256, 3, padding=1), (16, 256, 14, 14)),
+    "conv 1x1 64->256, 16x64x56x56": (lambda: torch.nn.Conv2d(64, 256, 1), (16, 64, 56, 56)),
+    "linear 384->1536, 8192 rows": (lambda: torch.nn.Linear(384, 1536), (8192, 384)),
+    "linear 1536->384, 8192 rows": (lambda: torch.nn.Linear(1536, 384), (8192, 1536)),
+}
+
+
+def layers(args) -> dict:
+    """fp32 vs slimkit int8 (static, dynamic per tensor) on single layers, interleaved."""
+    from slimkit.quant import Int8StaticConfig, sqnr_db
+
+    torch.manual_seed(0)
+    out = {}
+    for name, (build, shape) in LAYERS.items():
+        x = torch.randn(*shape)
+        fp32 = torch.nn.Sequential(build()).eval()
+        static, dynamic = copy.deepcopy(fp32), copy.deepcopy(fp32)
+        quantize_(static, Int8StaticConfig(), calibration_data=[x])
+        quantize_(dynamic, Int8DynamicConfig(activation_granularity="tensor"))
+        models = {"fp32": fp32, "int8 static": static, "int8 dynamic": dynamic}
+        with torch.inference_mode():
+            ref = fp32(x)
+            sqnr = {k: float(sqnr_db(ref, m(x))) for k, m in models.items() if k != "fp32"}
+            cmp = compare_latency(
+                {k: (lambda m=m, x=x: m(x)) for k, m in models.items()},
+                repeats=args.repeats,
+                threads=args.threads,
+            )
+        out[name] = {
+            "ms": {k: cmp[k].median_ms for k in models},
+            "speedup": {k: cmp.speedups[k] for k in models if k != "fp32"},
+            "sqnr_db": sqnr,
+        }
+        r = out[name]
+        print(
+            f"{name:34s} fp32 {r['ms']['fp32']:7.2f} ms | static {r['ms']['int8 static']:7.2f} ms "
+            f"{r['speedup']['int8 static']:5.2f}x {sqnr['int8 static']:5.1f} dB | dynamic "
+            f"{r['ms']['int8 dynamic']:7.2f} ms {r['speedup']['int8 dynamic']:5.2f}x {sqnr['int8 dynamic']:5.1f} dB"
+        )
+    return out
+
+
 def print_minilm(res: dict) -> None:
     head = f"{'row':32s} {'latency ms':>10s} {'speedup':>8s} {'size MB':>8s} {'cos fp32':>9s} {'STS-B':>7s}  note"
     print(head)
@@ -297,7 +346,7 @@ def print_minilm(res: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--part", choices=("minilm", "cnn", "all"), default="all")
+    p.add_argument("--part", choices=("minilm", "layers", "cnn", "all"), default="all")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--batch", type=int, default=64)
@@ -315,6 +364,8 @@ def main() -> None:
     if args.part in ("minilm", "all"):
         result["minilm"] = minilm(args)
         print_minilm(result["minilm"])
+    if args.part in ("layers", "all"):
+        result["layers"] = layers(args)
     if args.part in ("cnn", "all"):
         result["cnn"] = cnn(args)
         print("LeNet-5 MNIST accuracy (%):", json.dumps(result["cnn"]))

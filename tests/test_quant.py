@@ -238,6 +238,24 @@ def test_int8_conv_equals_float_conv_of_the_dequantized_operands(conv):
     assert sqnr_db(float_conv(x), got) > 30.0
 
 
+@pytest.mark.parametrize(
+    "config",
+    [Int8StaticConfig(), Int8DynamicConfig(activation_granularity="tensor"), Int8DynamicConfig()],
+    ids=["static", "dynamic-tensor", "dynamic-token"],
+)
+def test_slicing_into_small_pieces_changes_no_output_bit(config, monkeypatch):
+    """Slices bound memory, not maths: one slice per row or image gives the very same outputs."""
+    from slimkit.quant import kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 9 * 9, 16))
+    x = torch.randn(5, 3, 9, 9)
+    quantize_(model.eval(), config, calibration_data=[x])
+    whole = model(x)
+    monkeypatch.setattr(kernels, "rows_per_slice", lambda bytes_per_row: 1)
+    assert torch.equal(model(x), whole)
+
+
 def test_static_layer_follows_buffers_loaded_after_first_use():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8)).eval()

@@ -44,8 +44,9 @@ def quantize_with(x2: torch.Tensor, inv_scale: torch.Tensor, zero_s8: torch.Tens
     return torch.mul(x2, inv_scale).round_().add_(zero_s8).clamp_(-128, 127).to(torch.int8)
 
 
-def _rows_per_slice(k: int) -> int:
-    return max(64, (3 << 20) // (4 * k))  # about 3 MB of float input per slice
+def rows_per_slice(bytes_per_row: int) -> int:
+    """Rows per slice so that a slice's buffers (inputs, int32 accumulators) take about 3 MB."""
+    return max(64, (3 << 20) // max(1, bytes_per_row))
 
 
 def _by_row_slices(x2: torch.Tensor, n_out: int, step) -> torch.Tensor:
@@ -59,7 +60,7 @@ def _by_row_slices(x2: torch.Tensor, n_out: int, step) -> torch.Tensor:
     FFN Linear, bit-identical results).
     """
     out = torch.empty(x2.shape[0], n_out, dtype=torch.float32, device=x2.device)
-    rows = _rows_per_slice(x2.shape[1])
+    rows = rows_per_slice(4 * (x2.shape[1] + n_out))  # float input row + int32 accumulator row
     for i in range(0, x2.shape[0], rows):
         step(x2[i : i + rows], out[i : i + rows])
     return out
@@ -100,11 +101,8 @@ def dynamic_int8_linear(
             _rescale_into(out, torch._int_mm(xq, wt), x_scale * w_scale, bias)
 
     else:
-        x_scale, zero = tensor_qparams_u8(x2)  # one scale for the whole tensor: from all rows first
-        zero_s8 = zero - 128
-        scale = x_scale * w_scale
-        shift = zero_point_shift(scale, zero_s8, w_colsum, bias)
-        inv_scale = 1.0 / x_scale
+        # one scale for the whole tensor: from all rows first
+        inv_scale, zero_s8, scale, shift = dynamic_tensor_terms(x2, w_scale, w_colsum, bias)
 
         def step(xs, out):
             _rescale_into(out, torch._int_mm(quantize_with(xs, inv_scale, zero_s8), wt), scale, shift)
@@ -117,6 +115,29 @@ def static_terms(x_scale, x_zero, w_scale, w_colsum, bias) -> tuple[torch.Tensor
     """The constants of a calibrated layer: ``(1/s_x, z_x, s_x * s_w, zero-point shift + bias)``."""
     scale = x_scale * w_scale
     return 1.0 / x_scale, x_zero, scale, zero_point_shift(scale, x_zero, w_colsum, bias)
+
+
+def dynamic_tensor_terms(x, w_scale, w_colsum, bias) -> tuple[torch.Tensor, ...]:
+    """:func:`static_terms` with the activation scale and zero point measured on ``x`` itself."""
+    x_scale, zero = tensor_qparams_u8(x)
+    return static_terms(x_scale, zero - 128, w_scale, w_colsum, bias)
+
+
+@torch.no_grad()
+def quantize_sliced(x: torch.Tensor, inv_scale: torch.Tensor, zero_s8: torch.Tensor) -> torch.Tensor:
+    """:func:`quantize_with` over slices of ``x`` (any shape), into one int8 tensor of the same shape."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.empty(flat.shape, dtype=torch.int8, device=x.device)
+    rows = rows_per_slice(4 * flat.shape[1])
+    for i in range(0, flat.shape[0], rows):
+        out[i : i + rows] = quantize_with(flat[i : i + rows], inv_scale, zero_s8)
+    return out.reshape(x.shape)
+
+
+@torch.no_grad()
+def int8_gemm_rescaled(rows: torch.Tensor, qweight_t: torch.Tensor, scale, shift, out: torch.Tensor) -> None:
+    """``out = (rows @ W.T) * scale + shift`` for int8 ``rows`` already quantized."""
+    _rescale_into(out, torch._int_mm(rows, qweight_t), scale, shift)
 
 
 @torch.no_grad()
