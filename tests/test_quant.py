@@ -177,6 +177,14 @@ def test_config_from_dict_builds_overrides():
     assert cfg.overrides["net.7"] is None and isinstance(cfg.overrides["net.1"], BF16Config)
 
 
+def test_weight_only_group_size_defaults_by_bit_width():
+    # A recipe cannot write null for a setting it leaves out: 8 bits must work without group_size.
+    assert config_from_dict({"method": "weight_only", "bits": 8}).group_size is None
+    assert config_from_dict({"method": "weight_only", "bits": 4}).group_size == 128
+    with pytest.raises(ConfigError, match="group_size"):
+        config_from_dict({"method": "weight_only", "bits": 8, "group_size": 64})
+
+
 def _lenet_data(n=64):
     torch.manual_seed(0)
     return torch.rand(n, 1, 28, 28)

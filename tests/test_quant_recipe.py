@@ -95,7 +95,8 @@ def test_export_step_measures_the_model_on_onnxruntime(tmp_path):
 
 def test_export_must_be_last_and_names_unexportable_layers(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    raw = _export_raw(tmp_path, {"builtin": "digits_cnn", "kwargs": {"width": 8}}, {"method": "int8_static"})
+    dynamic = {"method": "int8_dynamic", "activation_granularity": "tensor"}
+    raw = _export_raw(tmp_path, {"builtin": "digits_cnn", "kwargs": {"width": 8}}, dynamic)
     raw["steps"].append({"type": "evaluate"})
     with pytest.raises(ConfigError) as err:
         parse_recipe(raw)
@@ -104,8 +105,35 @@ def test_export_must_be_last_and_names_unexportable_layers(tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path), "--quiet"]) != 0
+    # Which layers cannot be exported depends on the model: known only when the export step runs.
     assert "features.0 (int8 Conv2d)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("quantize", "path"),
+    [
+        ({"method": "int8_dynamic"}, "steps[1].activation_granularity"),  # per-token scales by default
+        ({"method": "int8_static"}, "steps[1].method"),
+        ({"method": "bf16"}, "steps[1].method"),
+        ({"method": "qat", "train": {"epochs": 1}}, "steps[1].method"),
+        ({"method": "mixed", "low": {"method": "int8_static"}, "max_error": 0.01}, "steps[1].low.method"),
+        (
+            {
+                "method": "weight_only",
+                "bits": 8,
+                "group_size": None,
+                "overrides": {"net.5": {"method": "bf16"}},
+            },
+            "steps[1].overrides.net.5.method",
+        ),
+    ],
+)
+def test_quantize_steps_that_cannot_be_exported_fail_validation(tmp_path, quantize, path):
+    raw = _export_raw(tmp_path, {"builtin": "lenet300100", "kwargs": {"in_features": 64}}, quantize)
+    with pytest.raises(ConfigError) as err:
+        parse_recipe(raw)
+    assert err.value.path == path and "steps[2] exports to onnxruntime" in str(err.value)
 
 
 def test_shipped_onnxruntime_recipe_on_a_tiny_encoder(tmp_path, data_dir, capsys):

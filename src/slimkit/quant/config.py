@@ -119,12 +119,14 @@ class Int8StaticConfig(_Common):
 class WeightOnlyConfig(_Common):
     """Weights in ``bits`` (8: per channel; 4: per group), activations stay float.
 
+    ``group_size``: 32, 64 or 128 for 4 bits (null means 128); null for 8 bits.
+
     ``method``: ``rtn`` (round to nearest) or ``gptq`` (Hessian-based error
     compensation on calibration data, Frantar et al. 2022).
     """
 
     bits: int = 4
-    group_size: int | None = 128
+    group_size: int | None = None
     algorithm: str = "rtn"
     symmetric: bool = True
     damp: float = 0.01
@@ -137,6 +139,7 @@ class WeightOnlyConfig(_Common):
         non_negative(self.damp, "damp")
         positive_int(self.block_size, "block_size")
         if self.bits == 4:
+            self.group_size = 128 if self.group_size is None else self.group_size
             one_of(self.group_size, "group_size", (32, 64, 128))
         else:
             # The int8 weight-only kernel (aten._weight_int8pack_mm) takes one scale per output channel.

@@ -13,6 +13,9 @@ layers become ONNX Runtime's int8 MatMuls, attention its fused kernel, see
 so the report's row is measured on ONNX Runtime: task metrics, file size (the
 ``.onnx`` file), latency beside every earlier step. An exported model cannot
 be trained or changed any more, so ``export`` must be the recipe's last step.
+A ``quantize`` step before it whose layers ONNX Runtime cannot run (int8_static,
+qat, bf16, or per-token activations) fails the recipe's validation, before any
+step runs.
 """
 
 from __future__ import annotations
@@ -21,10 +24,20 @@ import inspect
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from slimkit.config import one_of, positive_int
+from slimkit.errors import ConfigError
+from slimkit.quant.config import (
+    BF16Config,
+    Int8DynamicConfig,
+    Int8StaticConfig,
+    MixedPrecisionConfig,
+    QATConfig,
+    config_from_dict,
+)
 from slimkit.recipes.registry import StepType
 from slimkit.utils.io import atomic_path
 
@@ -66,6 +79,35 @@ def save_onnx(model, path: Path) -> int:
     return path.stat().st_size
 
 
+def ort_problem(quant: Any) -> tuple[str, str] | None:
+    """``(field, why)`` if layers quantized by ``quant`` could have no ONNX Runtime form, else None."""
+    if isinstance(quant, Int8DynamicConfig) and quant.activation_granularity != "tensor":
+        return (
+            "activation_granularity",
+            "must be tensor: ONNX Runtime's int8 kernels take one activation scale",
+        )
+    if isinstance(quant, (Int8StaticConfig, QATConfig, BF16Config)):
+        return "method", f"{quant.method} layers have no ONNX Runtime form; use int8_dynamic or weight_only"
+    if isinstance(quant, MixedPrecisionConfig):
+        for key in ("low", "high"):
+            part = getattr(quant, key)
+            part = config_from_dict(part) if isinstance(part, dict) else part
+            if part is not None and (found := ort_problem(part)):
+                return f"{key}.{found[0]}", found[1]
+    for pattern, override in getattr(quant, "overrides", {}).items():
+        if override is not None and (found := ort_problem(override)):
+            return f"overrides.{pattern}.{found[0]}", found[1]
+    return None
+
+
+def check_quantize_steps(earlier: list, path: str) -> None:
+    """Fail at validation, not after hours of earlier steps, when a quantize step cannot be exported."""
+    for i, step in enumerate(earlier):
+        quant = getattr(step.config, "quant", None)
+        if step.type == "quantize" and (found := ort_problem(quant)):
+            raise ConfigError(f"steps[{i}].{found[0]}", f"{found[1]} ({path} exports to onnxruntime)")
+
+
 def run_export(ctx, config: ExportStepConfig) -> None:
     from slimkit.quant.ort import to_onnxruntime
 
@@ -82,5 +124,6 @@ STEP = StepType(
     run_export,
     changes_model=True,
     last_only=True,
+    check_before=check_quantize_steps,
     doc="export to ONNX Runtime (int8 kernels, fused attention); must be the last step",
 )

@@ -36,6 +36,8 @@ class StepType:
     changes_model: bool = True
     doc: str = ""
     last_only: bool = False  # nothing can follow it (e.g. export: the model leaves PyTorch)
+    # check_before(earlier_steps, path): raise ConfigError if an earlier step makes this one impossible
+    check_before: Callable[[list, str], None] | None = None
 
 
 def available_steps() -> dict[str, StepType]:

@@ -115,6 +115,10 @@ def _parse_steps(raw: Any) -> list[Step]:
             not kind.last_only or i == len(raw) - 1, f"{path}.type", f"{entry['type']} must be the last step"
         )
         steps.append(Step(entry["type"], name, from_dict(kind.config, body, path)))
+    for i, step in enumerate(steps):
+        check = step_type(step.type, f"steps[{i}].type").check_before
+        if check is not None:
+            check(steps[:i], f"steps[{i}]")
     return steps
 
 
