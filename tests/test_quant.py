@@ -264,6 +264,17 @@ def test_slicing_into_small_pieces_changes_no_output_bit(config, monkeypatch):
     assert torch.equal(model(x), whole)
 
 
+def test_quantized_under_inference_mode_runs_in_and_out_of_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    with torch.inference_mode():
+        quantize_(model, Int8StaticConfig(), calibration_data=[x])
+        inside = model(x)
+    assert torch.equal(model(x), inside) and sqnr_db(ref, inside) > 30.0
+
+
 def test_static_layer_follows_buffers_loaded_after_first_use():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8)).eval()

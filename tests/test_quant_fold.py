@@ -103,3 +103,12 @@ def test_folding_can_be_switched_off_and_tracing_does_not_count_as_calibration()
 def test_fold_batchnorm_must_be_a_boolean():
     with pytest.raises(ConfigError, match="fold_batchnorm"):
         Int8StaticConfig(fold_batchnorm="yes")
+
+
+def test_folding_under_inference_mode_leaves_a_model_usable_outside_it():
+    model = _with_stats(DigitsCNN())
+    x = torch.rand(4, 1, 8, 8)
+    ref = model(x)
+    with torch.inference_mode():
+        fold_batchnorm_(model, x)
+    assert torch.allclose(model(x), ref, atol=1e-5)  # autograd-tracked call: parameters are normal tensors

@@ -47,13 +47,18 @@ def conv_bn_pairs(model: nn.Module, forward: Callable[[nn.Module, Any], Any], ex
     return pairs
 
 
-@torch.no_grad()
 def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A copy of ``conv`` that computes ``bn(conv(x))`` with ``bn`` in eval mode (``conv`` is untouched)."""
     if bn.num_features != conv.out_channels:
         raise ModelError(
             f"BatchNorm2d({bn.num_features}) does not match Conv2d({conv.out_channels} channels)"
         )
+    # Parameters made under inference_mode could never be used with autograd again.
+    with torch.inference_mode(False), torch.no_grad():
+        return _folded(conv, bn)
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     new = copy.deepcopy(conv)
     factor = torch.rsqrt(bn.running_var.float() + bn.eps)
     if bn.weight is not None:

@@ -84,6 +84,8 @@ class QuantLinear(_Packed):
         counter, which every in-place write (``load_state_dict``, ``copy_``) bumps.
         """
         sources = (self.x_scale, self.x_zero, self.w_scale, self.w_colsum, self.bias_value)
+        if any(t is not None and t.is_inference() for t in sources):
+            return kernels.static_terms(*sources)  # built under inference_mode: no version counter to key on
         key = tuple((id(t), t._version) for t in sources if t is not None)
         if self.__dict__.get("_terms_key") != key:
             self.__dict__["_terms"] = kernels.static_terms(*sources)
