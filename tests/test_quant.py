@@ -262,6 +262,7 @@ def test_slicing_into_small_pieces_changes_no_output_bit(config, monkeypatch):
     whole = model(x)
     monkeypatch.setattr(kernels, "rows_per_slice", lambda bytes_per_row: 1)
     assert torch.equal(model(x), whole)
+    assert model(x.bfloat16()).dtype == torch.bfloat16  # outputs keep the caller's dtype
 
 
 def test_quantized_under_inference_mode_runs_in_and_out_of_it():

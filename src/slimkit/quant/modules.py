@@ -153,7 +153,7 @@ class QuantConv2d(_Packed):
         return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, x = x.shape[0], x.float()
+        n, dtype, x = x.shape[0], x.dtype, x.float()
         if self.mode == "dynamic" and self.granularity == "token":
             # One scale per patch: the float patches themselves are quantized.
             rows, (ho, wo) = _patches(_channels_last(x, self, 0.0), self)
@@ -171,7 +171,7 @@ class QuantConv2d(_Packed):
             inv_scale, zero, scale, shift = terms
             xq = kernels.quantize_sliced(x, inv_scale, zero)
             out, (ho, wo) = _int8_conv_rows(_channels_last(xq, self, int(zero)), self, scale, shift)
-        return out.reshape(n, ho * wo, -1).transpose(1, 2).reshape(n, -1, ho, wo)
+        return out.reshape(n, ho * wo, -1).transpose(1, 2).reshape(n, -1, ho, wo).to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, int8 {self.mode}"
