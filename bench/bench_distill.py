@@ -24,7 +24,6 @@ Each prints a table and writes the figures to bench/results/distill_<name>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -38,6 +37,7 @@ from slimkit.data import load_mnist
 from slimkit.distill import MLP, DistillConfig, distill
 from slimkit.metrics import count_parameters
 from slimkit.train import Callback, TrainConfig, Trainer
+from slimkit.utils.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,7 +53,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 def save(name: str, figures: dict, out: str | None = None) -> None:
     path = Path(out) if out else RESULTS / f"distill_{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=2) + "\n")
+    write_json(path, figures)
 
 
 # -- 1. Hinton's MNIST ---------------------------------------------------------------------------------

@@ -139,14 +139,11 @@ def test_quantize_steps_that_cannot_be_exported_fail_validation(tmp_path, quanti
 def test_shipped_onnxruntime_recipe_on_a_tiny_encoder(tmp_path, data_dir, capsys):
     """recipes/minilm_int8_onnxruntime.yaml through the real CLI, with a 2-layer BERT for MiniLM."""
     pytest.importorskip("onnxruntime")
-    from tests.transfer_helpers import tiny_bert, tokenizer
+    from tests.transfer_helpers import save_tiny_bert
 
     if not (data_dir / "stsb").exists():
         pytest.skip("STS-B is not in the shared data folder")
-    folder = tmp_path / "tiny_bert"
-    tok = tokenizer()
-    tiny_bert(tok.vocab_size).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = save_tiny_bert(tmp_path / "tiny_bert")
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "minilm_int8_onnxruntime.yaml"
     overrides = [
         f"model.hf={folder}",

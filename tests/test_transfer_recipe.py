@@ -10,16 +10,12 @@ import yaml
 
 from slimkit.cli import main
 from slimkit.recipes import load_recipe
-from tests.transfer_helpers import tiny_bert, tokenizer
+from tests.transfer_helpers import save_tiny_bert
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    tok = tokenizer()
-    tiny_bert(tok.vocab_size).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def _recipe(tmp_path: Path, model: Path, data: dict, steps: list[dict]) -> Path:

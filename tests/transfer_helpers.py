@@ -32,6 +32,14 @@ def tiny_bert(vocab_size: int, layers: int = 2, seed: int = 0):
     return BertModel(config).eval()
 
 
+def save_tiny_bert(folder):
+    """A tiny BERT with MiniLM's tokenizer saved as a Hugging Face folder (what recipes load by path)."""
+    tok = tokenizer()
+    tiny_bert(tok.vocab_size).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def toy_rows(n: int, classes: int = 2, seed: int = 0, score: bool = False) -> list[dict]:
     """Sentences whose label is the word family they use; ``score`` adds a regression target."""
     gen = torch.Generator().manual_seed(seed)

@@ -191,10 +191,9 @@ def convert_(model: nn.Module) -> dict[str, dict[str, str]]:
             f"layers saw no input during calibration: {', '.join(missing[:5])} (run calibrate first)"
         )
     folds = _batchnorm_folds(model, state, plan)
+    source = {name: folds[name][0] if name in folds else get_module(model, name) for name in plan.layers}
     new = {
-        name: builders.build(
-            folds.get(name, (get_module(model, name),))[0], cfg, state.collectors.get(name, {})
-        )
+        name: builders.build(source[name], cfg, state.collectors.get(name, {}))
         for name, cfg in plan.layers.items()
     }
     _detach(model, state)

@@ -36,7 +36,6 @@ from slimkit.quant.config import (
     Int8StaticConfig,
     MixedPrecisionConfig,
     QATConfig,
-    config_from_dict,
 )
 from slimkit.recipes.registry import StepType
 from slimkit.utils.io import atomic_path
@@ -89,9 +88,8 @@ def ort_problem(quant: Any) -> tuple[str, str] | None:
     if isinstance(quant, (Int8StaticConfig, QATConfig, BF16Config)):
         return "method", f"{quant.method} layers have no ONNX Runtime form; use int8_dynamic or weight_only"
     if isinstance(quant, MixedPrecisionConfig):
-        for key in ("low", "high"):
+        for key in ("low", "high"):  # both parsed into configs by MixedPrecisionConfig
             part = getattr(quant, key)
-            part = config_from_dict(part) if isinstance(part, dict) else part
             if part is not None and (found := ort_problem(part)):
                 return f"{key}.{found[0]}", found[1]
     for pattern, override in getattr(quant, "overrides", {}).items():
@@ -103,8 +101,7 @@ def ort_problem(quant: Any) -> tuple[str, str] | None:
 def check_quantize_steps(earlier: list, path: str) -> None:
     """Fail at validation, not after hours of earlier steps, when a quantize step cannot be exported."""
     for i, step in enumerate(earlier):
-        quant = getattr(step.config, "quant", None)
-        if step.type == "quantize" and (found := ort_problem(quant)):
+        if step.type == "quantize" and (found := ort_problem(step.config.quant)):
             raise ConfigError(f"steps[{i}].{found[0]}", f"{found[1]} ({path} exports to onnxruntime)")
 
 

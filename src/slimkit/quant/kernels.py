@@ -49,8 +49,8 @@ def rows_per_slice(bytes_per_row: int) -> int:
     return max(64, (3 << 20) // max(1, bytes_per_row))
 
 
-def _by_row_slices(x2: torch.Tensor, n_out: int, step) -> torch.Tensor:
-    """Run ``step(x_slice, out_slice)`` over slices of rows, writing into one float output.
+def _by_row_slices(x2: torch.Tensor, out: torch.Tensor, bytes_per_row: int, step) -> torch.Tensor:
+    """Run ``step(x_slice, out_slice)`` over slices of rows of ``x2`` and ``out``; returns ``out``.
 
     Why slices: every elementwise pass over a whole activation (scale, round, clamp,
     cast, rescale) allocates a fresh buffer of tens of MB, which glibc maps and the
@@ -59,18 +59,16 @@ def _by_row_slices(x2: torch.Tensor, n_out: int, step) -> torch.Tensor:
     from the heap and stay in cache (measured: 45-50 ms -> 10 ms per 8192-row
     FFN Linear, bit-identical results).
     """
-    out = torch.empty(x2.shape[0], n_out, dtype=torch.float32, device=x2.device)
-    rows = rows_per_slice(4 * (x2.shape[1] + n_out))  # float input row + int32 accumulator row
+    rows = rows_per_slice(bytes_per_row)
     for i in range(0, x2.shape[0], rows):
         step(x2[i : i + rows], out[i : i + rows])
     return out
 
 
-def _rescale_into(out, acc, scale, shift) -> None:
-    """``out = acc * scale + shift`` (int32 accumulators to float, written in place)."""
-    torch.mul(acc, scale, out=out)
-    if shift is not None:
-        out.add_(shift)
+def _float_rows(x2: torch.Tensor, n_out: int, step) -> torch.Tensor:
+    """:func:`_by_row_slices` into a new float ``[rows, n_out]`` output."""
+    out = torch.empty(x2.shape[0], n_out, dtype=torch.float32, device=x2.device)
+    return _by_row_slices(x2, out, 4 * (x2.shape[1] + n_out), step)  # float input + int32 accumulator
 
 
 def zero_point_shift(scale, zero_s8, weight_colsum, bias):
@@ -80,6 +78,14 @@ def zero_point_shift(scale, zero_s8, weight_colsum, bias):
         corr = -(zero_s8.float() * weight_colsum.float()) * scale.reshape(-1)
         shift = corr if shift is None else shift + corr
     return shift
+
+
+@torch.no_grad()
+def int8_gemm_rescaled(rows: torch.Tensor, qweight_t: torch.Tensor, scale, shift, out: torch.Tensor) -> None:
+    """``out = (rows @ W.T) * scale + shift`` for int8 ``rows``, written in place."""
+    torch.mul(torch._int_mm(rows, qweight_t), scale, out=out)
+    if shift is not None:
+        out.add_(shift)
 
 
 @torch.no_grad()
@@ -93,21 +99,16 @@ def dynamic_int8_linear(
 ) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
-    wt = qweight.t()
     if granularity == "token":
+        wt = qweight.t()
 
         def step(xs, out):
             xq, x_scale = quantize_rows_symmetric(xs)
-            _rescale_into(out, torch._int_mm(xq, wt), x_scale * w_scale, bias)
+            int8_gemm_rescaled(xq, wt, x_scale * w_scale, bias, out)
 
-    else:
-        # one scale for the whole tensor: from all rows first
-        inv_scale, zero_s8, scale, shift = dynamic_tensor_terms(x2, w_scale, w_colsum, bias)
-
-        def step(xs, out):
-            _rescale_into(out, torch._int_mm(quantize_with(xs, inv_scale, zero_s8), wt), scale, shift)
-
-    out = _by_row_slices(x2, qweight.shape[0], step)
+        out = _float_rows(x2, qweight.shape[0], step)
+    else:  # one scale for the whole tensor, from all rows first; then as if calibrated
+        out = static_int8_linear(x2, qweight, dynamic_tensor_terms(x2, w_scale, w_colsum, bias))
     return out.reshape(*shape[:-1], -1).to(x.dtype)
 
 
@@ -128,33 +129,29 @@ def quantize_sliced(x: torch.Tensor, inv_scale: torch.Tensor, zero_s8: torch.Ten
     """:func:`quantize_with` over slices of ``x`` (any shape), into one int8 tensor of the same shape."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty(flat.shape, dtype=torch.int8, device=x.device)
-    rows = rows_per_slice(4 * flat.shape[1])
-    for i in range(0, flat.shape[0], rows):
-        out[i : i + rows] = quantize_with(flat[i : i + rows], inv_scale, zero_s8)
-    return out.reshape(x.shape)
 
+    def step(xs, o):
+        o.copy_(quantize_with(xs, inv_scale, zero_s8))
 
-@torch.no_grad()
-def int8_gemm_rescaled(rows: torch.Tensor, qweight_t: torch.Tensor, scale, shift, out: torch.Tensor) -> None:
-    """``out = (rows @ W.T) * scale + shift`` for int8 ``rows`` already quantized."""
-    _rescale_into(out, torch._int_mm(rows, qweight_t), scale, shift)
+    return _by_row_slices(flat, out, 4 * flat.shape[1], step).reshape(x.shape)
 
 
 @torch.no_grad()
 def static_int8_linear(
     x2: torch.Tensor, qweight: torch.Tensor, terms: tuple[torch.Tensor, ...]
 ) -> torch.Tensor:
-    """Float ``x2 @ W.T + b`` computed in int8 with a calibrated (fixed) activation scale and zero point.
+    """Float ``x2 @ W.T + b`` computed in int8 with a fixed activation scale and zero point.
 
-    ``terms`` comes from :func:`static_terms`; layers compute it once, not on every call.
+    ``terms`` comes from :func:`static_terms` (calibrated layers compute it once, not
+    on every call) or :func:`dynamic_tensor_terms`.
     """
     wt = qweight.t()
     inv_scale, x_zero, scale, shift = terms
 
     def step(xs, out):
-        _rescale_into(out, torch._int_mm(quantize_with(xs, inv_scale, x_zero), wt), scale, shift)
+        int8_gemm_rescaled(quantize_with(xs, inv_scale, x_zero), wt, scale, shift, out)
 
-    return _by_row_slices(x2, qweight.shape[0], step)
+    return _float_rows(x2, qweight.shape[0], step)
 
 
 def int8_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

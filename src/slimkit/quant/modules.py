@@ -354,12 +354,20 @@ class _DynamicQuantizeMatMul(torch.autograd.Function):
         return out
 
 
+def no_onnx_form(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be exported for ONNX Runtime's int8 kernels, or None if it can."""
+    if isinstance(module, QuantConv2d):
+        return "int8 Conv2d"
+    if isinstance(module, QuantLinear) and (module.mode, module.granularity) != ("dynamic", "tensor"):
+        return f"int8 {module.mode} Linear with activations per {module.granularity}"
+    if isinstance(module, BF16Linear):
+        return "bf16 Linear"
+    return None
+
+
 def _export_linear(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    if mod.mode != "dynamic" or mod.granularity != "tensor":
-        raise NotImplementedError(
-            "only dynamic int8 layers with activation_granularity='tensor' export to ONNX Runtime "
-            f"(got mode={mod.mode}, granularity={mod.granularity})"
-        )
+    if (why := no_onnx_form(mod)) is not None:  # reached only by exporting without export_onnx
+        raise NotImplementedError(f"no ONNX Runtime form for an {why}")
     bias = mod.bias_value if mod.bias_value is not None else torch.zeros(mod.out_features)
     qt = mod.qweight.t().contiguous()
     return _DynamicQuantizeMatMul.apply(

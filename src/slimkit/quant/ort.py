@@ -146,6 +146,7 @@ def export_onnx(
     opset: int = 17,
 ) -> Path:
     """Export an eval-mode copy of ``model`` (keyword inputs) to ONNX; returns the path."""
+    check_exportable(model)
     names = list(example_inputs)
     if dynamic_axes is None:
         # Batch is dynamic for all inputs, sequence length for integer (token) inputs.
@@ -270,7 +271,6 @@ def to_onnxruntime(
     """Export ``model`` (float or slimkit-quantized) and load it in an ONNX Runtime session."""
     from slimkit.metrics.model import count_nonzero, count_parameters
 
-    check_exportable(model)
     export_onnx(model, example_inputs, path, output_fn)
     share_input_quantization(path)
     counts = {"params": count_parameters(model), "nonzero": count_nonzero(model)}
@@ -279,18 +279,9 @@ def to_onnxruntime(
 
 def check_exportable(model: nn.Module) -> None:
     """Raise :class:`ModelError` naming the layers that have no ONNX Runtime form (before any work)."""
-    from slimkit.quant.modules import BF16Linear, QuantConv2d, QuantLinear
+    from slimkit.quant.modules import no_onnx_form
 
-    def problem(module: nn.Module) -> str | None:
-        if isinstance(module, QuantConv2d):
-            return "int8 Conv2d"
-        if isinstance(module, QuantLinear) and (module.mode, module.granularity) != ("dynamic", "tensor"):
-            return f"int8 {module.mode} Linear with activations per {module.granularity}"
-        if isinstance(module, BF16Linear):
-            return "bf16 Linear"
-        return None
-
-    found = [f"{name} ({p})" for name, m in model.named_modules() if (p := problem(m))]
+    found = [f"{name} ({why})" for name, m in model.named_modules() if (why := no_onnx_form(m))]
     if found:
         raise ModelError(
             "no ONNX Runtime form for: " + ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")

@@ -93,11 +93,12 @@ def run_quantize(ctx, config) -> None:
         )
         summary = quantize_(ctx.model, quant, calibration_data=batches, forward=ctx.task.forward)
     ctx.saver = save_quantized
+    folded = len(summary.get("folded", {}))
     ctx.notes.update(
         quant_method=quant.method,
         quantized_layers=len(summary["quantized"]),
         kept_float=sorted(summary["skipped"]),
-        folded_batchnorms=len(summary.get("folded", {})),
+        folded_batchnorms=folded,
     )
     if "analysis" in summary:
         from slimkit.quant.sensitivity import plot_sensitivity
@@ -110,7 +111,7 @@ def run_quantize(ctx, config) -> None:
         quant.method,
         len(summary["quantized"]),
         len(summary["skipped"]),
-        len(summary.get("folded", {})),
+        folded,
     )
 
 

@@ -98,7 +98,7 @@ def parse_recipe(raw: Any) -> Recipe:
 
 def _parse_steps(raw: Any) -> list[Step]:
     require(isinstance(raw, list) and len(raw) > 0, "steps", "must be a non-empty list of steps")
-    steps, names = [], set()
+    steps, names, kinds = [], set(), []
     for i, entry in enumerate(raw):
         path = f"steps[{i}]"
         require(isinstance(entry, dict), path, "must be a mapping with a 'type'")
@@ -115,10 +115,10 @@ def _parse_steps(raw: Any) -> list[Step]:
             not kind.last_only or i == len(raw) - 1, f"{path}.type", f"{entry['type']} must be the last step"
         )
         steps.append(Step(entry["type"], name, from_dict(kind.config, body, path)))
-    for i, step in enumerate(steps):
-        check = step_type(step.type, f"steps[{i}].type").check_before
-        if check is not None:
-            check(steps[:i], f"steps[{i}]")
+        kinds.append(kind)
+    for i, kind in enumerate(kinds):
+        if kind.check_before is not None:
+            kind.check_before(steps[:i], f"steps[{i}]")
     return steps
 
 
