@@ -209,7 +209,7 @@ def sts_dev(root: str, tok, device: str = "cpu"):
 
     from slimkit.data import load_stsb
     from slimkit.tasks import build_task, pair_forward
-    from slimkit.utils.batch import to_device
+    from slimkit.batch import to_device
 
     bundle = load_stsb(root)
     task = build_task(bundle, tok)

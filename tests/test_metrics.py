@@ -116,7 +116,7 @@ def test_evaluate_regression_and_custom_forward():
     loader = DataLoader(TensorDataset(x, y), batch_size=7)
 
     def forward(m, batch):
-        return (m(batch[0]),), batch[1]  # outputs as a tuple: the first item is the prediction
+        return (m(batch[0]),)  # outputs as a tuple: the first item is the prediction
 
     result = evaluate(model, loader, "regression", forward=forward)
     with torch.no_grad():

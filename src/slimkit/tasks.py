@@ -21,22 +21,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from slimkit.batch import call_model, default_forward, model_inputs, pair_inputs
 from slimkit.data.base import DataBundle
 from slimkit.metrics.modes import eval_mode
 from slimkit.metrics.task import evaluate as evaluate_metrics
 from slimkit.metrics.task import pearson, spearman
-from slimkit.train.trainer import classification_loss, default_forward, regression_loss, targets
+from slimkit.train.trainer import classification_loss, regression_loss
 
 PRIMARY = {
     "classification": ("accuracy", True),
     "regression": ("spearman", True),
     "similarity": ("spearman", True),
 }
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def model_inputs(batch: dict, prefix: str = "") -> dict[str, torch.Tensor]:
-    return {k: batch[prefix + k] for k in MODEL_INPUTS if prefix + k in batch}
 
 
 def text_forward(model: nn.Module, batch: dict) -> Any:
@@ -45,7 +41,7 @@ def text_forward(model: nn.Module, batch: dict) -> Any:
 
 
 def pair_forward(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    return model(**model_inputs(batch)), model(**model_inputs(batch, "pair_"))
+    return model(**model_inputs(batch)), model(**pair_inputs(batch))
 
 
 def cosine_score_loss(outputs: tuple[torch.Tensor, torch.Tensor], batch: dict) -> torch.Tensor:
@@ -77,9 +73,7 @@ class TaskAdapter:
         """Task metrics on ``dataset``; the model's mode is restored afterwards."""
         if self.task == "similarity":
             return self._similarity(model, dataset)
-        return evaluate_metrics(
-            model, self.loader(dataset), self.task, forward=lambda m, b: (self.forward(m, b), targets(b))
-        )
+        return evaluate_metrics(model, self.loader(dataset), self.task, forward=self.forward)
 
     def _similarity(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         cos, gold = [], []
@@ -93,14 +87,11 @@ class TaskAdapter:
 
     def example_batch(self, dataset: Dataset, batch_size: int) -> Any:
         """Model inputs of one real batch: what latency and MACs are measured on."""
-        batch = next(iter(self.loader(dataset, batch_size)))
-        if isinstance(batch, dict):
-            return model_inputs(batch)
-        return batch[0]
+        return model_inputs(next(iter(self.loader(dataset, batch_size))))
 
     @staticmethod
     def call(model: nn.Module, inputs: Any) -> Any:
-        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        return call_model(model, inputs)
 
 
 def build_task(data: DataBundle, tokenizer=None, max_length: int = 128) -> TaskAdapter:

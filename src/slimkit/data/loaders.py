@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from slimkit.batch import text_inputs
 from slimkit.data.base import TextDataset
 from slimkit.errors import DataError
 
@@ -68,7 +69,7 @@ def text_collate(
         enc = tokenizer(
             texts, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
-        return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        return text_inputs(enc)
 
     def collate(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         texts = [r["text"] for r in rows]

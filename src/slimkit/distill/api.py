@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from slimkit.batch import text_inputs
 from slimkit.distill.callback import DistillationCallback, output_tensors
 from slimkit.distill.config import DistillConfig
 from slimkit.train import Callback, TrainConfig, Trainer, TrainResult
@@ -25,7 +26,7 @@ def sentence_collate(tokenizer: Callable, max_length: int = 128) -> Callable[[li
     def collate(rows: Sequence) -> dict[str, torch.Tensor]:
         texts = [r if isinstance(r, str) else r["text"] for r in rows]
         enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        return text_inputs(enc)
 
     return collate
 

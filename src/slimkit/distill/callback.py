@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.batch import batch_len, default_forward
 from slimkit.distill.cache import TeacherCache, TeacherResult, batch_masks
 from slimkit.distill.config import DistillConfig
 from slimkit.distill.hooks import Taps, attention_modules, resolve_layer_map
@@ -24,8 +25,6 @@ from slimkit.errors import ConfigError
 from slimkit.metrics.modes import eval_mode
 from slimkit.train import distributed
 from slimkit.train.callbacks import Callback
-from slimkit.train.trainer import default_forward
-from slimkit.utils.batch import batch_len
 
 
 def output_tensors(outputs: Any) -> list[torch.Tensor]:

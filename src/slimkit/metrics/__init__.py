@@ -20,7 +20,6 @@ from slimkit.metrics.speed import (
 )
 from slimkit.metrics.task import (
     accuracy,
-    default_forward,
     evaluate,
     macro_f1,
     pearson,
@@ -39,7 +38,6 @@ __all__ = [
     "count_macs",
     "count_nonzero",
     "count_parameters",
-    "default_forward",
     "eval_mode",
     "evaluate",
     "file_size",

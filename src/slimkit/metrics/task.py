@@ -17,14 +17,11 @@ from scipy import stats
 from torch import nn
 from torch.nn import functional as F
 
+from slimkit.batch import Forward, default_forward, to_device
+from slimkit.batch import targets as batch_targets
 from slimkit.metrics.modes import eval_mode
-from slimkit.utils.batch import to_device
 
 TASKS = ("classification", "regression", "similarity")
-
-# forward(model, batch) -> (outputs, targets); outputs may be a tensor, a tuple
-# whose first item is the prediction, or an object/dict with ``logits``.
-ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 
 
 def _array(values: Any) -> np.ndarray:
@@ -114,31 +111,21 @@ def prediction(outputs: Any) -> torch.Tensor:
     raise TypeError(f"cannot find a prediction in model outputs of type {type(outputs).__name__}")
 
 
-def default_forward(model: nn.Module, batch: Any) -> tuple[Any, Any]:
-    """``(x, y)`` batches call ``model(x)``; dict batches call ``model(**inputs)`` with ``labels`` held out."""
-    if isinstance(batch, dict):
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
-        return model(**inputs), batch.get("labels", batch.get("label"))
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return model(batch[0]), batch[1]
-    raise TypeError(
-        f"batches of type {type(batch).__name__} need a forward(model, batch) -> (outputs, targets)"
-    )
-
-
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
 def evaluate(
-    model: nn.Module, data_loader: Iterable, task: str, forward: ForwardFn | None = None
+    model: nn.Module, data_loader: Iterable, task: str, forward: Forward | None = None
 ) -> dict[str, float]:
     """Score ``model`` on every batch of ``data_loader``.
 
     classification: ``accuracy``, ``macro_f1``, ``loss`` (mean cross-entropy).
     regression / similarity: ``mse``, ``pearson``, ``spearman`` of predictions vs targets.
-    ``forward(model, batch) -> (outputs, targets)`` adapts other batch layouts.
+    ``forward(model, batch) -> outputs`` adapts other batch layouts (outputs may be a tensor, a
+    tuple whose first item is the prediction, or an object/dict with ``logits``); targets are
+    read by :func:`slimkit.batch.targets`.
     The model runs in eval mode under ``torch.no_grad``; every module's
     train/eval flag is restored afterwards.
     """
@@ -152,7 +139,8 @@ def evaluate(
     # pass would otherwise become an inference tensor that later training cannot use.
     with eval_mode(model), torch.no_grad():
         for batch in data_loader:
-            outputs, target = forward(model, to_device(batch, device))
+            batch = to_device(batch, device)
+            outputs, target = forward(model, batch), batch_targets(batch)
             preds.append(prediction(outputs).detach().float().cpu())
             targets.append(torch.as_tensor(target).detach().cpu())
     if not preds:

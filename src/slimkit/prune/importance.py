@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.batch import default_forward
 from slimkit.prune.graph import Group
 from slimkit.prune.propagate import Span
 
@@ -205,15 +206,6 @@ class TaylorImportance(Importance):
 
     def score(self, model, group):
         return self.stats[group.name]
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """dict -> ``model(**batch)``; (x, y) -> ``model(x)``; tensor -> ``model(batch)``."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        return model(batch[0])
-    return model(batch)
 
 
 def run_calibration(

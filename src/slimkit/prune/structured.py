@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.batch import default_forward
 from slimkit.errors import ConfigError, ModelError
 from slimkit.prune.config import StructuredConfig, check_calibration
 from slimkit.prune.graph import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, Group, build_groups
-from slimkit.prune.importance import Importance, default_forward, make_importance
+from slimkit.prune.importance import Importance, make_importance
 from slimkit.prune.select import matches
 from slimkit.prune.trace import trace_model
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimkit.batch import Forward, default_forward
 from slimkit.errors import ConfigError, DataError, ModelError
 from slimkit.quant import builders
 from slimkit.quant.affine import QSpec
@@ -40,7 +41,6 @@ from slimkit.quant.qat import QATConv2d, QATLinear, to_qat
 from slimkit.quant.smoothquant import ChannelAbsMax
 
 _STATE = "_slimkit_quant_state"
-Forward = Callable[[nn.Module, Any], Any]
 
 
 @dataclass
@@ -67,15 +67,6 @@ def as_config(config: Any) -> Any:
 
 def is_prepared(model: nn.Module) -> bool:
     return getattr(model, _STATE, None) is not None
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Tensors call ``model(x)``, ``(x, y)`` pairs ``model(x)``, dicts ``model(**batch)``."""
-    if isinstance(batch, dict):
-        return model(**{k: v for k, v in batch.items() if k not in ("labels", "scores")})
-    if isinstance(batch, (list, tuple)):
-        return model(batch[0])
-    return model(batch)
 
 
 def prepare_(model: nn.Module, config: Any) -> Plan:

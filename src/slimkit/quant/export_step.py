@@ -58,8 +58,8 @@ class ExportStepConfig:
 
 def export_example(ctx, samples: int) -> dict[str, torch.Tensor]:
     """Model inputs from the train split, by keyword, with padding in them (text) so masking is traced."""
+    from slimkit.batch import model_inputs
     from slimkit.quant.ort import with_padding
-    from slimkit.tasks import model_inputs
 
     batch = ctx.calibration_batches(samples, samples)[0]
     if isinstance(batch, dict):

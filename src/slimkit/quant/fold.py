@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.batch import default_forward
 from slimkit.errors import ModelError
 from slimkit.quant.modules import FoldedBatchNorm
 from slimkit.quant.plan import get_module, set_module
@@ -80,7 +81,6 @@ def fold_batchnorm_(
     The BatchNorms become :class:`FoldedBatchNorm` (identity) so that module names stay valid;
     the model computes the same function as before in eval mode (it is meant for inference).
     """
-    from slimkit.quant.api import default_forward
 
     pairs = conv_bn_pairs(model, forward or default_forward, example)
     new = {conv: folded_conv(get_module(model, conv), get_module(model, bn)) for conv, bn in pairs.items()}

@@ -17,10 +17,10 @@ from typing import Any
 
 from torch import nn
 
+from slimkit.batch import batch_len
 from slimkit.data.base import DataBundle
 from slimkit.tasks import TaskAdapter
 from slimkit.train import Callback, TrainConfig, Trainer, TrainResult
-from slimkit.utils.batch import batch_len
 from slimkit.utils.io import save_weights
 
 Saver = Callable[[nn.Module, Path], int]

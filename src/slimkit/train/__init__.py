@@ -3,7 +3,7 @@
 from slimkit.train.callbacks import Callback
 from slimkit.train.config import TrainConfig
 from slimkit.train.cv import CVResult, cross_validate
-from slimkit.train.trainer import Trainer, TrainResult, default_forward
+from slimkit.train.trainer import Trainer, TrainResult
 
 __all__ = [
     "Callback",
@@ -12,5 +12,4 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "cross_validate",
-    "default_forward",
 ]

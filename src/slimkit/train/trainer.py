@@ -22,22 +22,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from slimkit.batch import batch_len, default_forward, targets, to_device
 from slimkit.train import distributed
 from slimkit.train.callbacks import Callback
 from slimkit.train.checkpoint import load_checkpoint, save_checkpoint
 from slimkit.train.config import TrainConfig
 from slimkit.train.optim import build_optimizer, lr_factor, regularization
-from slimkit.utils.batch import batch_len, to_device
 
 Forward = Callable[[nn.Module, Any], Any]
 LossFn = Callable[[Any, Any], torch.Tensor]
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """``(x, y)`` batches call ``model(x)``; dict batches pass every key but the targets."""
-    if isinstance(batch, dict):
-        return model(**{k: v for k, v in batch.items() if k not in ("labels", "scores")})
-    return model(batch[0])
 
 
 def classification_loss(outputs: Any, batch: Any) -> torch.Tensor:
@@ -49,12 +42,6 @@ def regression_loss(outputs: Any, batch: Any) -> torch.Tensor:
     pred = outputs.logits if hasattr(outputs, "logits") else outputs
     target = targets(batch)
     return nn.functional.mse_loss(pred.reshape(target.shape), target.float())
-
-
-def targets(batch: Any) -> torch.Tensor:
-    if isinstance(batch, dict):
-        return batch["labels"] if "labels" in batch else batch["scores"]
-    return batch[1]
 
 
 @dataclass
@@ -184,9 +171,7 @@ class Trainer:
         from slimkit.metrics.task import evaluate
 
         loader = DataLoader(val_data, batch_size=max(self.config.batch_size, 256), collate_fn=self.collate_fn)
-        return lambda model: evaluate(
-            model, loader, self.task, forward=lambda m, b: (self.forward(m, b), targets(b))
-        )
+        return lambda model: evaluate(model, loader, self.task, forward=self.forward)
 
     # -- the loop ---------------------------------------------------------
     def _run_epoch(self, train_data: Dataset, evaluate: Callable | None) -> None:

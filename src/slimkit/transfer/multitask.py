@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from slimkit.batch import text_inputs
 from slimkit.data.base import DataBundle
 from slimkit.errors import ConfigError
-from slimkit.tasks import MODEL_INPUTS, build_task, model_inputs
+from slimkit.tasks import build_task
 from slimkit.train import Callback, Trainer, TrainResult
 from slimkit.transfer.config import MultiTaskConfig
 from slimkit.transfer.finetune import with_loss
@@ -89,7 +90,7 @@ class MultiTaskObjective(nn.Module):
         self.names = list(model.heads)
 
     def forward(self, batch: dict) -> StepOutput:
-        features = self.model.backbone(**model_inputs(batch))
+        features = self.model.backbone(**text_inputs(batch))
         losses = {}
         for i, name in enumerate(self.names):
             rows = batch["task_ids"] == i
@@ -170,7 +171,7 @@ def mixed_collate(tokenizer, datasets: Sequence[Dataset], max_length: int):
         )
         targets = [float(r["label"]) if "label" in r else float(r["score"]) for r in rows]
         batch = {"task_ids": torch.tensor([t for t, _ in plan], dtype=torch.int64)}
-        batch.update({k: enc[k] for k in MODEL_INPUTS if k in enc})
+        batch.update(text_inputs(enc))
         batch["targets"] = torch.tensor(targets, dtype=torch.float64)
         return batch
 
