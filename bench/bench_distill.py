@@ -207,9 +207,9 @@ def sts_dev(root: str, tok, device: str = "cpu"):
     """``score(model)``: STS-B dev Spearman x100, the batches moved to ``device`` (the model's)."""
     import dataclasses
 
+    from slimkit.batch import to_device
     from slimkit.data import load_stsb
     from slimkit.tasks import build_task, pair_forward
-    from slimkit.batch import to_device
 
     bundle = load_stsb(root)
     task = build_task(bundle, tok)

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from slimkit.data.text import read_stsb_file
+from slimkit.export.onnx import OrtModule, export_onnx, to_onnxruntime, with_padding
 from slimkit.metrics import compare_latency, spearman
 from slimkit.models.hf import minilm_path
 from slimkit.quant import Int8DynamicConfig, MixedPrecisionConfig, load_quantized, quantize_, save_quantized
-from slimkit.quant.ort import OrtModule, export_onnx, to_onnxruntime, with_padding
 from slimkit.quant.sensitivity import plot_sensitivity
 from slimkit.utils.io import save_weights, write_json
 

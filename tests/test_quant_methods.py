@@ -219,7 +219,7 @@ def test_tiny_transformer_stays_close_to_float(config, min_sqnr):
 
 def test_tiny_transformer_on_onnxruntime_matches_torch_int8(tmp_path):
     pytest.importorskip("onnxruntime")
-    from slimkit.quant.ort import to_onnxruntime
+    from slimkit.export.onnx import to_onnxruntime
 
     model = _tiny_bert()
     x = _bert_inputs()
@@ -249,7 +249,7 @@ def test_tiny_transformer_on_onnxruntime_matches_torch_int8(tmp_path):
 def test_causal_grouped_query_model_exports_with_fused_attention(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("onnxruntime")
-    from slimkit.quant.ort import OrtModule, export_onnx
+    from slimkit.export.onnx import OrtModule, export_onnx
 
     cfg = transformers.LlamaConfig(
         vocab_size=100,

@@ -66,6 +66,15 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     return call_model(model, model_inputs(batch))
 
 
+def first_output(outputs: Any) -> torch.Tensor:
+    """The main tensor of a model's outputs (``last_hidden_state`` / ``logits`` / a plain tensor)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) or hasattr(outputs, "values") and hasattr(outputs, "keys"):
+        return next(iter(outputs.values()))
+    return outputs[0]
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)

@@ -20,9 +20,9 @@ Structured (the model gets smaller and faster)::
 ``analyze(model, example)`` lists every channel/head group and why a group is not prunable.
 """
 
+from slimkit.graph.groups import Group, build_groups
 from slimkit.prune.api import prune_
 from slimkit.prune.config import GradualConfig, MagnitudeConfig, StructuredConfig
-from slimkit.prune.graph import Group, build_groups
 from slimkit.prune.importance import (
     ActivationImportance,
     APoZImportance,

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from slimkit.batch import default_forward
-from slimkit.prune.graph import Group
-from slimkit.prune.propagate import Span
+from slimkit.graph.groups import Group
+from slimkit.graph.propagate import Span
 
 
 def unit_view(tensor: torch.Tensor, dim: int, span: Span, units: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from slimkit.errors import ModelError
-from slimkit.prune.graph import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
+from slimkit.graph.groups import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
 from slimkit.utils.io import atomic_path, load_weights, load_weights_file, save_weights, state_dict_for_saving
 
 MAGIC = b"SLIMKIT-ZLIB-SAFETENSORS\n"

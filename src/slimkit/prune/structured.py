@@ -1,7 +1,7 @@
 """Structured pruning: physically remove channels, neurons and attention heads.
 
 ``prune_structured_`` traces the model once, builds coupled groups
-(:mod:`slimkit.prune.graph`), scores their units with an importance
+(:mod:`slimkit.graph.groups`), scores their units with an importance
 criterion, validates everything, and only then slices the weights of every
 producer, follower and consumer. The result is an ordinary ``nn.Module`` with
 smaller ``Linear``/``Conv``/``BatchNorm`` layers (and updated head counts on
@@ -20,11 +20,11 @@ from torch import nn
 
 from slimkit.batch import default_forward
 from slimkit.errors import ConfigError, ModelError
+from slimkit.graph.groups import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, Group, build_groups
+from slimkit.graph.trace import trace_model
 from slimkit.prune.config import StructuredConfig, check_calibration
-from slimkit.prune.graph import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, Group, build_groups
 from slimkit.prune.importance import Importance, make_importance
 from slimkit.prune.select import matches
-from slimkit.prune.trace import trace_model
 
 
 @dataclass

@@ -9,7 +9,7 @@ YAML::
 
 The step exports the current model (float or slimkit-quantized; dynamic int8
 layers become ONNX Runtime's int8 MatMuls, attention its fused kernel, see
-:mod:`slimkit.quant.ort`) and replaces it by an :class:`~slimkit.quant.ort.OrtModule`,
+:mod:`slimkit.export.onnx`) and replaces it by an :class:`~slimkit.export.onnx.OrtModule`,
 so the report's row is measured on ONNX Runtime: task metrics, file size (the
 ``.onnx`` file), latency beside every earlier step. An exported model cannot
 be trained or changed any more, so ``export`` must be the recipe's last step.
@@ -59,7 +59,7 @@ class ExportStepConfig:
 def export_example(ctx, samples: int) -> dict[str, torch.Tensor]:
     """Model inputs from the train split, by keyword, with padding in them (text) so masking is traced."""
     from slimkit.batch import model_inputs
-    from slimkit.quant.ort import with_padding
+    from slimkit.export.onnx import with_padding
 
     batch = ctx.calibration_batches(samples, samples)[0]
     if isinstance(batch, dict):
@@ -106,7 +106,7 @@ def check_quantize_steps(earlier: list, path: str) -> None:
 
 
 def run_export(ctx, config: ExportStepConfig) -> None:
-    from slimkit.quant.ort import to_onnxruntime
+    from slimkit.export.onnx import to_onnxruntime
 
     example = export_example(ctx, config.example_samples)
     path = ctx.run_dir / ONNX_NAME

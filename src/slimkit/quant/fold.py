@@ -19,14 +19,13 @@ from torch import nn
 
 from slimkit.batch import default_forward
 from slimkit.errors import ModelError
+from slimkit.graph.trace import trace_model
 from slimkit.quant.modules import FoldedBatchNorm
 from slimkit.quant.plan import get_module, set_module
 
 
 def conv_bn_pairs(model: nn.Module, forward: Callable[[nn.Module, Any], Any], example: Any) -> dict[str, str]:
     """``{conv name: batchnorm name}`` for every Conv2d whose output is read by one BatchNorm2d only."""
-    from slimkit.prune.trace import trace_model
-
     trace = trace_model(model, forward, example)
     calls = Counter(node.name for node in trace.nodes if node.module is not None)
     pairs = {}

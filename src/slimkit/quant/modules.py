@@ -29,6 +29,10 @@ class _Packed(nn.Module):
     def _set_bias(self, bias: torch.Tensor | None) -> None:
         self.register_buffer("bias_value", None if bias is None else bias.detach().float().clone())
 
+    def onnx_problem(self) -> str | None:
+        """Why this layer has no ONNX Runtime form, or None (asked by :mod:`slimkit.export`)."""
+        return no_onnx_form(self)
+
 
 class FoldedBatchNorm(nn.Identity):
     """Where a BatchNorm2d was: its affine map now lives in the Conv2d before it (see ``quant.fold``)."""
@@ -337,6 +341,9 @@ class BF16Linear(nn.Linear):
                 mod.bias.copy_(linear.bias)
         return mod
 
+    def onnx_problem(self) -> str | None:
+        return no_onnx_form(self)
+
 
 class _DynamicQuantizeMatMul(torch.autograd.Function):
     """Exported as ONNX Runtime's ``com.microsoft::DynamicQuantizeMatMul`` with slimkit's int8 weights."""
@@ -354,7 +361,7 @@ class _DynamicQuantizeMatMul(torch.autograd.Function):
         return out
 
 
-def no_onnx_form(module: nn.Module) -> str | None:
+def no_onnx_form(module: nn.Module) -> str | None:  # read by slimkit.export through onnx_problem()
     """Why ``module`` cannot be exported for ONNX Runtime's int8 kernels, or None if it can."""
     if isinstance(module, QuantConv2d):
         return "int8 Conv2d"

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.batch import first_output
 from slimkit.quant import builders
 from slimkit.quant.config import MixedPrecisionConfig, WeightOnlyConfig
-from slimkit.quant.ort import first_output
 from slimkit.quant.plan import EMBEDDING_CONFIG, Plan, get_module, set_module
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimkit.prune.trace import Node, Trace, flat_tensors
+from slimkit.graph.trace import Node, Trace, flat_tensors
 
 
 @dataclass(frozen=True)

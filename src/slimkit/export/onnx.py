@@ -1,4 +1,4 @@
-"""Run a slimkit-quantized model on ONNX Runtime's int8 kernels.
+"""Export a model (float or slimkit-quantized) to ONNX and run it on ONNX Runtime's kernels.
 
 Why: on this class of CPU (AVX-512 VNNI, 2 threads) ONNX Runtime's
 ``DynamicQuantizeMatMul`` (MLAS u8s8 VNNI GEMM) together with its graph fusions
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.batch import first_output
 from slimkit.errors import ModelError
 from slimkit.utils.io import atomic_path
 
@@ -43,15 +44,6 @@ class _KeywordWrapper(nn.Module):
 
     def forward(self, *args):
         return self.output_fn(self.model(**dict(zip(self.names, args))))
-
-
-def first_output(outputs: Any) -> torch.Tensor:
-    """The main tensor of a model's outputs (``last_hidden_state`` / ``logits`` / a plain tensor)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping):
-        return next(iter(outputs.values()))
-    return outputs[0]
 
 
 def _export_copy(model: nn.Module) -> nn.Module:
@@ -278,16 +270,24 @@ def to_onnxruntime(
 
 
 def check_exportable(model: nn.Module) -> None:
-    """Raise :class:`ModelError` naming the layers that have no ONNX Runtime form (before any work)."""
-    from slimkit.quant.modules import no_onnx_form
+    """Raise :class:`ModelError` naming the layers that have no ONNX Runtime form (before any work).
 
-    found = [f"{name} ({why})" for name, m in model.named_modules() if (why := no_onnx_form(m))]
+    A layer says so itself: a module with an ``onnx_problem()`` method returns why it
+    cannot be exported (or None), so this package needs to know no technique's layers.
+    """
+    found = [f"{name} ({why})" for name, m in model.named_modules() if (why := onnx_problem(m))]
     if found:
         raise ModelError(
             "no ONNX Runtime form for: " + ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
             + "; export supports float layers, int8_dynamic with activation_granularity: tensor, "
             "weight-only and int8 embeddings"
         )  # fmt: skip
+
+
+def onnx_problem(module: nn.Module) -> str | None:
+    """Why ``module`` has no ONNX Runtime form, or None (float layers and layers that export themselves)."""
+    ask = getattr(module, "onnx_problem", None)
+    return ask() if callable(ask) else None
 
 
 def with_padding(example: Mapping[str, torch.Tensor], pad: int = 1) -> dict[str, torch.Tensor]:

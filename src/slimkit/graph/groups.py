@@ -1,7 +1,7 @@
 """Dependency analysis: which channels (and attention heads) must be removed together.
 
 Every Linear/Conv output is a candidate *producer*. Its output space is
-followed through the recorded forward pass (:mod:`slimkit.prune.propagate`):
+followed through the recorded forward pass (:mod:`slimkit.graph.propagate`):
 BatchNorms and depthwise convs that act per channel become *followers*, the
 layers that read it become *consumers* (they lose input columns), and spaces
 that meet unit by unit (a residual add, q @ k^T, a gating product) are merged
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from slimkit.prune.propagate import Reach, Span, layer_output, propagate
-from slimkit.prune.trace import Trace
+from slimkit.graph.propagate import Reach, Span, layer_output, propagate
+from slimkit.graph.trace import Trace
 
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 HEAD_SIZE_ATTRS = ("all_head_size", "inner_dim")
