@@ -34,7 +34,8 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from slimkit.data import load_mnist
-from slimkit.distill import MLP, DistillConfig, distill
+from slimkit.distill import DistillConfig, distill_
+from slimkit.distill.students import MLP
 from slimkit.metrics import count_parameters
 from slimkit.train import Callback, TrainConfig, Trainer
 from slimkit.utils.io import write_json
@@ -114,7 +115,7 @@ def hinton(args) -> dict:
             t0 = time.perf_counter()
             if soft:
                 kd = DistillConfig(temperature=args.temperature, alpha=args.alpha)
-                distill(student, teacher, bundle.train, kd, cfg)
+                distill_(student, teacher, bundle.train, kd, cfg)
             else:
                 Trainer(student, cfg).fit(bundle.train)
             errors = test_errors(student, bundle.test)
@@ -289,7 +290,7 @@ def embedding_distill(student, teacher, tok, sentences, args, score=None) -> dic
     Each dataset item is a whole length-bucketed batch (the Trainer shuffles their order every epoch).
     ``score(model)``, if given, is reported after every epoch.
     """
-    from slimkit.distill import no_label_loss, sentence_collate
+    from slimkit.distill.api import no_label_loss, sentence_collate
 
     chunks = length_buckets(sentences, tok, args.batch_size)
     collate = sentence_collate(tok, 128)
@@ -309,7 +310,7 @@ def embedding_distill(student, teacher, tok, sentences, args, score=None) -> dic
     prefilled = cfg.cache is not None and Path(cfg.cache).exists()
     budget = TimeBudget(args.budget_min * 60)
     start = time.perf_counter()
-    result = distill(
+    result = distill_(
         student,
         teacher,
         chunks,
@@ -318,7 +319,7 @@ def embedding_distill(student, teacher, tok, sentences, args, score=None) -> dic
         loss_fn=no_label_loss,
         collate_fn=lambda items: collate([s for chunk in items for s in chunk]),
         callbacks=[budget, *([EpochScores(score)] if score else [])],
-    )
+    ).train
     wall = time.perf_counter() - start
     seen = result.samples_per_s * result.train_time_s  # samples the loop trained on
     return {

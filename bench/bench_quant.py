@@ -173,14 +173,14 @@ def build_slimkit(model, example, calib, tmp: Path, args, rows: dict, info: dict
     start = time.perf_counter()
     summary = quantize_(mixed, mixed_cfg, calibration_data=calib)
     info["mixed_analysis_s"] = time.perf_counter() - start
-    info["mixed_kept_float"] = summary["analysis"]["high"]
-    info["mixed_trace"] = summary["analysis"]["trace"]
-    info["sensitivity"] = summary["analysis"]["sensitivity"]
-    plot = plot_sensitivity(summary["analysis"], args.out.with_name("quant_sensitivity.png"))
+    info["mixed_kept_float"] = summary.analysis["high"]
+    info["mixed_trace"] = summary.analysis["trace"]
+    info["sensitivity"] = summary.analysis["sensitivity"]
+    plot = plot_sensitivity(summary.analysis, args.out.with_name("quant_sensitivity.png"))
     info["sensitivity_plot"] = str(plot)
     size = save_quantized(mixed, tmp / "slimkit_mixed.safetensors")
     ort_mixed = to_onnxruntime(mixed, with_padding(example, pad=16), tmp / "slimkit_mixed.onnx")
-    kept = len(summary["analysis"]["high"])
+    kept = len(summary.analysis["high"])
     rows["slimkit mixed (ORT kernels)"] = (lambda b: ort_mixed(**b), size, f"{kept} layers kept fp32")
 
 
@@ -298,7 +298,8 @@ LAYERS = {  # name: (layer, input shape)
 
 def layers(args) -> dict:
     """fp32 vs slimkit int8 (static, dynamic per tensor) on single layers, interleaved."""
-    from slimkit.quant import Int8StaticConfig, sqnr_db
+    from slimkit.quant import Int8StaticConfig
+    from slimkit.quant.affine import sqnr_db
 
     torch.manual_seed(0)
     out = {}

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from slimkit.data import DataBundle, TextDataset, load_sentiment, load_sst2, load_trec
+from slimkit.data import DataBundle, load_sentiment, load_sst2, load_trec
+from slimkit.data.base import TextDataset
 from slimkit.models.hf import load_hf
 from slimkit.train import TrainConfig
 from slimkit.transfer import (
@@ -42,10 +43,10 @@ from slimkit.transfer import (
     LoraSpec,
     MultiTaskConfig,
     TaskSpec,
-    few_shot,
     finetune,
     train_multitask,
 )
+from slimkit.transfer.finetune import few_shot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOMAINS = ("yelp", "amazon", "imdb")

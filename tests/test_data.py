@@ -15,7 +15,6 @@ import torch
 from slimkit.data import (
     DataBundle,
     DataConfig,
-    TextDataset,
     load_data,
     load_digits,
     load_hf_dataset,
@@ -27,9 +26,9 @@ from slimkit.data import (
     load_stsb,
     load_table,
     load_trec,
-    make_loader,
-    text_collate,
 )
+from slimkit.data.base import TextDataset
+from slimkit.data.loaders import make_loader, text_collate
 from slimkit.errors import ConfigError, DataError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -12,19 +12,16 @@ from torch.utils.data import TensorDataset
 
 from slimkit.data import load_digits
 from slimkit.distill import (
-    MLP,
     DistillationCallback,
     DistillConfig,
-    TeacherCache,
-    distill,
-    find_layer_list,
-    kd_loss,
+    DistillResult,
+    distill_,
     layer_dropped_student,
-    match_loss,
-    pruned_student,
-    uniform_layer_map,
 )
-from slimkit.distill.losses import attention_loss
+from slimkit.distill.cache import TeacherCache
+from slimkit.distill.hooks import find_layer_list, uniform_layer_map
+from slimkit.distill.losses import attention_loss, kd_loss, match_loss
+from slimkit.distill.students import MLP
 from slimkit.errors import ConfigError
 from slimkit.metrics import count_parameters
 from slimkit.models import DigitsCNN
@@ -157,23 +154,33 @@ def test_layer_dropped_student_rejects_bad_indices():
     assert len(find_layer_list(layer_dropped_student(teacher, keep=[3]))[1]) == 1
 
 
-def test_pruned_student_is_a_smaller_copy_and_recovers(digits_teacher):
-    from slimkit.prune import StructuredConfig
+def test_a_pruned_copy_of_the_teacher_recovers_by_distillation(digits_teacher):
+    # Distillation does not import pruning: the caller prunes a copy, then distils it in place.
+    from slimkit.prune import StructuredConfig, prune_
 
     data, teacher = digits_teacher
     before = copy.deepcopy(teacher.state_dict())
     example = torch.stack([data.train[i][0] for i in range(8)])
-    student = pruned_student(teacher, StructuredConfig(ratio=0.75), example_inputs=example)
+    student = copy.deepcopy(teacher)
+    prune_(student, StructuredConfig(ratio=0.75), example_inputs=example)
     assert count_parameters(student) < 0.3 * count_parameters(teacher)
-    for k, v in teacher.state_dict().items():
-        assert torch.equal(v, before[k])
     x, y = _stack(data.test)
     with torch.no_grad():
         pruned_acc = (student.eval()(x).argmax(1) == y).float().mean().item()
-    distill(student, teacher, data.train, DistillConfig(), TrainConfig(epochs=3, lr=3e-3, progress=False))
+    result = distill_(
+        student, teacher, data.train, DistillConfig(), TrainConfig(epochs=3, lr=3e-3, progress=False)
+    )
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k])
     with torch.no_grad():
         recovered_acc = (student.eval()(x).argmax(1) == y).float().mean().item()
     assert recovered_acc > max(pruned_acc + 0.05, 0.9), (pruned_acc, recovered_acc)
+    assert isinstance(result, DistillResult)
+    assert result.teacher_params == count_parameters(teacher)
+    assert result.student_params == count_parameters(student)
+    assert len(result.train.history) == 3
+    assert set(result.losses) == {"distill_output", "distill_task"}
+    assert result.losses == {k: v for k, v in result.train.history[-1].items() if k.startswith("distill_")}
 
 
 # -- the callback on the one loop --------------------------------------------------------
@@ -207,7 +214,7 @@ def test_student_learns_faster_with_kd(digits_teacher):
         torch.manual_seed(5)
         student = MLP(64, 10, hidden=(32,))
         if kd:
-            distill(student, teacher, few, DistillConfig(temperature=4.0, alpha=0.9), cfg)
+            distill_(student, teacher, few, DistillConfig(temperature=4.0, alpha=0.9), cfg)
         else:
             Trainer(student, cfg).fit(few)
         losses[name] = _held_out_loss(student, data.test)
@@ -226,9 +233,10 @@ def test_hidden_distillation_with_projection_and_cache(digits_teacher, tmp_path)
     for _ in range(2):  # the second run reads every teacher output from the cache file
         torch.manual_seed(0)
         student = DigitsCNN(width=4)
-        result = distill(student, teacher, subset, cfg, TrainConfig(epochs=2, lr=3e-3, progress=False))
+        result = distill_(student, teacher, subset, cfg, TrainConfig(epochs=2, lr=3e-3, progress=False))
         results.append((result, student))
-    hist = results[0][0].history
+    hist = results[0][0].train.history
+    assert results[0][0].losses["distill_hidden"] == hist[-1]["distill_hidden"]
     assert hist[-1]["distill_hidden"] < hist[0]["distill_hidden"]
     for a, b in zip(results[0][1].parameters(), results[1][1].parameters()):
         assert torch.allclose(a, b, atol=1e-6)
@@ -245,11 +253,13 @@ def test_cache_of_an_outputs_only_run_is_refilled_for_hidden_distillation(digits
     subset = TensorDataset(x[:64], y[:64])
     path = str(tmp_path / "t.st")
     train = TrainConfig(epochs=1, lr=1e-3, progress=False)
-    distill(DigitsCNN(width=4), teacher, subset, DistillConfig(cache=path), train)
+    distill_(DigitsCNN(width=4), teacher, subset, DistillConfig(cache=path), train)
     assert not any(k.startswith("layer:") for e in TeacherCache(path).entries.values() for k in e)
     hidden = DistillConfig(hidden_weight=1.0, layer_map={"features.5": "features.5"}, cache=path)
-    result = distill(DigitsCNN(width=4), teacher, subset, hidden, train)  # used to fail on the cached entries
-    assert result.history[-1]["distill_hidden"] > 0
+    result = distill_(
+        DigitsCNN(width=4), teacher, subset, hidden, train
+    )  # used to fail on the cached entries
+    assert result.losses["distill_hidden"] > 0
     entries = TeacherCache(path).entries
     assert len(entries) == 64 and all("layer:features.5#0" in e for e in entries.values())
 
@@ -303,7 +313,7 @@ def test_unmatchable_setups_fail_before_training(digits_teacher, student, config
 
     def run():
         with pytest.raises(Exception, match=match):
-            distill(model, teacher, data.train, config, TrainConfig(epochs=1, progress=False))
+            distill_(model, teacher, data.train, config, TrainConfig(epochs=1, progress=False))
 
     _unchanged_after(run, model)
 

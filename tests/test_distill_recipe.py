@@ -21,7 +21,7 @@ def _recipe(tmp_path: Path, distill: dict) -> Path:
         "name": "tiny-distill",
         "model": {"builtin": "digits_cnn", "kwargs": {"width": 8}},
         "data": {"name": "digits"},
-        "steps": [{"type": "train", **FAST_TRAIN}, {"type": "distill", **distill}],
+        "steps": [{"type": "train", "train": FAST_TRAIN}, {"type": "distill", **distill}],
         "measure": {"repeats": 3, "warmup": 1, "batch_size": 32},
         "output": str(tmp_path / "run"),
     }
@@ -32,7 +32,9 @@ def _recipe(tmp_path: Path, distill: dict) -> Path:
 
 def test_distill_step_report_row_is_the_student(tmp_path, capsys):
     student = {"builtin": "mlp", "kwargs": {"hidden": [32]}}
-    path = _recipe(tmp_path, {"student": student, "temperature": 3.0, "train": {**FAST_TRAIN, "epochs": 3}})
+    path = _recipe(
+        tmp_path, {"student": student, "distill": {"temperature": 3.0}, "train": {**FAST_TRAIN, "epochs": 3}}
+    )
     assert main(["run", str(path), "--quiet"]) == 0
     rows = json.loads((tmp_path / "run" / "report.json").read_text())["rows"]
     assert [r["step"] for r in rows] == ["train", "distill"]
@@ -42,6 +44,15 @@ def test_distill_step_report_row_is_the_student(tmp_path, capsys):
     assert row["extra"]["teacher_params"] == teacher["params"]
     assert row["extra"]["output_loss"] == "kd" and row["extra"]["temperature"] == 3.0
     assert row["extra"]["epochs"] == 3 and row["extra"]["distill_output"] >= 0
+    assert row["metrics"]["accuracy"] > 0.7
+
+
+def test_pruned_copy_of_the_teacher_as_student(tmp_path):
+    student = {"prune": {"ratio": 0.5, "importance": "l1"}}
+    path = _recipe(tmp_path, {"student": student, "distill": {"alpha": 0.5}, "train": FAST_TRAIN})
+    assert main(["run", str(path), "--quiet"]) == 0
+    teacher, row = json.loads((tmp_path / "run" / "report.json").read_text())["rows"]
+    assert row["params"] < 0.45 * teacher["params"] and row["extra"]["teacher_params"] == teacher["params"]
     assert row["metrics"]["accuracy"] > 0.7
 
 
@@ -55,15 +66,22 @@ def test_distill_step_report_row_is_the_student(tmp_path, capsys):
         ({"student": {"layers_every": 0}}, "steps[1].student.layers_every: must be a positive integer"),
         ({"student": {"prune": {"ratio": 1.5}}}, "steps[1].student.prune.ratio: must be in"),
         ({"student": "current", "teacher": {"builtin": "nope"}}, "steps[1].teacher.builtin: must be one of"),
-        ({"student": {"layers_every": 2}, "temperature": 0}, "steps[1].temperature: must be > 0"),
-        ({"student": {"layers_every": 2}, "alpha": 1.5}, "steps[1].alpha: must be in"),
+        (
+            {"student": {"layers_every": 2}, "distill": {"temperature": 0}},
+            "steps[1].distill.temperature: must be > 0",
+        ),
+        ({"student": {"layers_every": 2}, "distill": {"alpha": 1.5}}, "steps[1].distill.alpha: must be in"),
+        (
+            {"student": {"layers_every": 2}, "distill": {"output_loss": "l1"}},
+            "steps[1].distill.output_loss: must be one of auto, kd",
+        ),
         (
             {"student": {"layers_every": 2}, "train": {"epochs": 0}},
             "steps[1].train.epochs: must be a positive",
         ),
         (
-            {"student": {"layers_every": 2}, "attention_weight": 1.0, "cache": True},
-            "steps[1].cache: attention maps are not cached",
+            {"student": {"layers_every": 2}, "distill": {"attention_weight": 1.0, "cache": True}},
+            "steps[1].distill.cache: attention maps are not cached",
         ),
     ],
 )

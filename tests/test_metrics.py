@@ -23,8 +23,6 @@ from slimkit.metrics import (
     count_nonzero,
     count_parameters,
     evaluate,
-    file_size,
-    fixed_threads,
     macro_f1,
     measure_latency,
     peak_memory,
@@ -34,6 +32,8 @@ from slimkit.metrics import (
     spearman,
     training_throughput,
 )
+from slimkit.metrics.model import file_size
+from slimkit.metrics.speed import fixed_threads
 from slimkit.models.builtin import LeNet5, LeNet300100
 from slimkit.utils.io import save_weights
 
@@ -72,6 +72,21 @@ def test_correlations_against_scipy_and_known_cases():
     assert pearson(torch.tensor([1.0, 2.0, 3.0]), [2.0, 4.0, 6.0]) == pytest.approx(1.0)
     assert isinstance(pearson(a, b), float)
     assert math.isnan(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    assert math.isnan(spearman([2.0, 2.0, 2.0], [1.0, 2.0, 3.0]))
+    assert math.isnan(pearson([1.0, math.nan, 3.0], [1.0, 2.0, 3.0]))
+    assert math.isnan(spearman([1.0, 2.0, 3.0], [1.0, math.inf, 3.0]))
+
+
+def test_spearman_averages_tied_ranks_like_scipy():
+    # STS-B gold scores and rounded predictions are full of ties: ranks must be averaged, as scipy does.
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 6, size=200).astype(float)
+    b = np.round(a + rng.normal(size=200), 1)
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b)[0], abs=1e-12)
+    assert pearson(a, b) == pytest.approx(stats.pearsonr(a, b)[0], abs=1e-12)
+    assert spearman([1, 2, 2, 3], [1, 3, 3, 2]) == pytest.approx(
+        stats.spearmanr([1, 2, 2, 3], [1, 3, 3, 2])[0]
+    )
 
 
 def test_perplexity_is_exp_nll():

@@ -18,7 +18,7 @@ def _run(tmp_path, steps):
     recipe = {
         "model": {"builtin": "digits_cnn", "kwargs": {"width": 8}},
         "data": {"name": "digits"},
-        "steps": [{"type": "train", "epochs": 3, "lr": 0.01, "progress": False}, *steps],
+        "steps": [{"type": "train", "train": {"epochs": 3, "lr": 0.01, "progress": False}}, *steps],
         "measure": {"repeats": 3, "warmup": 1, "batch_size": 32},
         "output": str(tmp_path / "run"),
     }
@@ -35,7 +35,7 @@ def test_structured_step_shrinks_and_reloads(tmp_path):
             {
                 "type": "prune",
                 "structured": {"ratio": 0.5, "importance": "l1"},
-                "finetune": {"epochs": 1, "lr": 0.003, "progress": False},
+                "train": {"epochs": 1, "lr": 0.003, "progress": False},
             }
         ],
     )
@@ -56,7 +56,7 @@ def test_gradual_step_reaches_sparsity_and_file_shrinks(tmp_path):
                 "type": "prune",
                 "name": "sparse",
                 "gradual": {"final_sparsity": 0.8, "end_step": 30, "frequency": 5},
-                "finetune": {"epochs": 2, "lr": 0.003, "progress": False},
+                "train": {"epochs": 2, "lr": 0.003, "progress": False},
             }
         ],
     )
@@ -85,3 +85,8 @@ def test_prune_step_needs_exactly_one_method(tmp_path, capsys):
     path.write_text(path.read_text().replace("sparsity: 0.5", "sparsity: 1.5"))
     assert main(["validate", str(path)]) == 2
     assert "steps[0].magnitude.sparsity" in capsys.readouterr().err
+    raw = yaml.safe_load(path.read_text())
+    raw["steps"] = [{"type": "prune", "gradual": {"final_sparsity": 0.5, "end_step": 10}}]
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path)]) == 2
+    assert "steps[0].train: gradual pruning happens while training" in capsys.readouterr().err

@@ -10,7 +10,18 @@ from torch import nn
 
 from slimkit.errors import ConfigError, ModelError
 from slimkit.models.builtin import DigitsCNN, LeNet5, LeNet300100
-from slimkit.prune import StructuredConfig, analyze, load_pruned, make_importance, prune_, save_pruned
+from slimkit.prune import (
+    Importance,
+    StructuredConfig,
+    analyze,
+    load_pruned,
+    prune_,
+    register_importance,
+    save_pruned,
+)
+from slimkit.prune import importance as importance_module
+from slimkit.prune.importance import IMPORTANCES, make_importance
+from slimkit.prune.slicers import Slicer, register_slicer, slice_layer_
 
 
 class ResBlockNet(nn.Module):
@@ -247,3 +258,136 @@ def test_concat_offsets_and_depthwise_followers():
         model.b.out_channels == 5 and model.dw.groups == model.bn.num_features == model.pw.in_channels == 13
     )
     torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_and_batchnorm_model_saves_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = ConcatDepthwiseNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    prune_(model, StructuredConfig(ratio=0.5), example_inputs=x)
+    save_pruned(model, tmp_path / "p.safetensors")
+    fresh = ConcatDepthwiseNet().eval()
+    load_pruned(fresh, tmp_path / "p.safetensors")
+    assert fresh.dw.groups == fresh.dw.in_channels == model.dw.groups < 14
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+# -- the slicer table ---------------------------------------------------------------------------
+
+
+class LlamaStyleRMSNorm(nn.Module):
+    """Like transformers' LlamaRMSNorm: only a 1-D weight, no normalized_shape (found by its class name)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_embedding_slicer_removes_feature_columns():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 6, padding_idx=0)
+    before = emb.weight.detach().clone()
+    slice_layer_(emb, {0: {1, 4}})
+    assert emb.weight.shape == (10, 4) and emb.embedding_dim == 4 and emb.num_embeddings == 10
+    assert torch.equal(emb.weight, before[:, [0, 2, 3, 5]]) and emb.weight.requires_grad
+    ids = torch.tensor([[1, 7]])
+    assert emb(ids).shape == (1, 2, 4)
+
+
+@pytest.mark.parametrize("norm_type", [nn.LayerNorm, nn.RMSNorm, LlamaStyleRMSNorm])
+def test_norm_slicers_keep_the_remaining_features(norm_type):
+    torch.manual_seed(0)
+    norm = norm_type(6)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.normal_()
+    params = {n: p.detach().clone() for n, p in norm.named_parameters()}
+    kept = [0, 1, 3, 5]
+    slice_layer_(norm, {0: {2, 4}})
+    for name, value in params.items():
+        assert torch.equal(getattr(norm, name), value[kept]), name
+    if hasattr(norm, "normalized_shape"):
+        assert tuple(norm.normalized_shape) == (4,)
+    # The sliced norm is the norm of the kept features with their own weights.
+    reference = norm_type(4)
+    reference.load_state_dict({n: v[kept] for n, v in params.items()})
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(norm(x), reference(x))
+
+
+def test_norm_without_affine_and_subclass_lookup():
+    class MyLinear(nn.Linear):  # found through the MRO
+        pass
+
+    norm = nn.LayerNorm(5, elementwise_affine=False)
+    slice_layer_(norm, {0: {0}})
+    assert norm.normalized_shape == (4,) and norm(torch.randn(2, 4)).shape == (2, 4)
+    layer = MyLinear(4, 3)
+    w = layer.weight.detach().clone()
+    slice_layer_(layer, {0: {1}, 1: {0, 3}})
+    assert (layer.out_features, layer.in_features) == (2, 2)
+    assert torch.equal(layer.weight, w[[0, 2]][:, [1, 2]])
+
+
+def test_embedding_and_norm_models_save_and_reload(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(12, 8), nn.LayerNorm(8), LlamaStyleRMSNorm(8), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        for i in range(4):
+            slice_layer_(model[i], {1 if i == 3 else 0: {2, 5, 6}})
+    ids = torch.tensor([[1, 4, 9]])
+    save_pruned(model, tmp_path / "p.safetensors")
+    fresh = nn.Sequential(nn.Embedding(12, 8), nn.LayerNorm(8), LlamaStyleRMSNorm(8), nn.Linear(8, 3)).eval()
+    load_pruned(fresh, tmp_path / "p.safetensors")
+    assert fresh[0].embedding_dim == 5 and fresh[1].normalized_shape == (5,) and fresh[3].in_features == 5
+    torch.testing.assert_close(fresh(ids), model(ids))
+
+
+def test_unknown_layer_type_and_duplicate_registration_are_refused():
+    lstm = nn.LSTM(4, 4)
+    with pytest.raises(ModelError, match=r"encoder.rnn \(LSTM\): no slicer"):
+        slice_layer_(lstm, {0: {1}}, "encoder.rnn")
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_slicer(nn.Linear)
+        class Again(Slicer):
+            pass
+
+    grouped = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(ModelError, match="groups=2"):
+        slice_layer_(grouped, {0: {0}})
+
+
+# -- the importance registry --------------------------------------------------------------------
+
+
+def test_every_registered_criterion_builds_from_the_same_arguments():
+    for name, cls in IMPORTANCES.items():
+        criterion = make_importance(name, seed=3, max_batches=2)
+        assert type(criterion) is cls and criterion.max_batches == 2 and criterion.seed == 3
+    assert StructuredConfig(importance="apoz").needs_calibration
+    assert not StructuredConfig(importance="l1").needs_calibration
+
+
+def test_custom_criterion_is_chosen_by_name_and_duplicates_are_refused(monkeypatch):
+    monkeypatch.setattr(importance_module, "IMPORTANCES", dict(IMPORTANCES))
+
+    @register_importance("last_first")
+    class LastFirst(Importance):
+        def score(self, model, group):
+            return torch.arange(group.units, 0, -1).float()  # later units score lower
+
+    torch.manual_seed(0)
+    model = LeNet300100()
+    w = model.net[1].weight.detach().clone()
+    cfg = StructuredConfig(ratio=0.5, importance="last_first", include=["net.1"])
+    prune_(model, cfg, example_inputs=torch.randn(2, 1, 28, 28))
+    assert torch.equal(model.net[1].weight, w[:150])
+    with pytest.raises(ValueError, match="already registered"):
+        register_importance("l2")(LastFirst)
+    with pytest.raises(ConfigError, match="last_first") as err:
+        StructuredConfig(importance="nope")
+    assert err.value.path == "importance"

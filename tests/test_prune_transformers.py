@@ -83,7 +83,7 @@ def test_real_minilm_half_heads_half_ffn():
 
 def test_calibration_statistics_skip_padding_tokens():
     """Stats on a right-padded batch equal those on the same sentences without the padding."""
-    from slimkit.prune import make_importance
+    from slimkit.prune.importance import make_importance
 
     model = _tiny_bert("eager")
     ids = torch.randint(5, 120, (2, 6))

@@ -14,11 +14,13 @@ from slimkit.prune import (
     GradualPruningCallback,
     MagnitudeConfig,
     MaskCallback,
+    PruneSummary,
     finalize_,
     load_sparse,
     prune_,
     save_sparse,
 )
+from slimkit.prune.methods import register_method
 from slimkit.train import TrainConfig, Trainer
 
 
@@ -34,7 +36,7 @@ def _zeros(p: torch.Tensor) -> int:
 @pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.975])
 def test_layerwise_sparsity_is_exact(sparsity):
     model = _mlp()
-    masks = prune_(model, MagnitudeConfig(sparsity=sparsity))
+    masks = prune_(model, MagnitudeConfig(sparsity=sparsity)).masks
     for name, mask in masks.items():
         p = model.get_parameter(name)
         assert _zeros(p) == round(sparsity * p.numel())
@@ -54,7 +56,7 @@ def test_global_sparsity_is_exact_and_uneven_per_layer():
 def test_threshold_and_patterns():
     model = _mlp()
     before = model.net[7].weight.clone()
-    masks = prune_(model, MagnitudeConfig(threshold=0.03, exclude=["net.7"]))
+    masks = prune_(model, MagnitudeConfig(threshold=0.03, exclude=["net.7"])).masks
     assert "net.7.weight" not in masks
     assert torch.equal(model.net[7].weight, before)
     w = model.net[1].weight
@@ -96,7 +98,7 @@ def test_masks_survive_momentum_and_weight_decay(optimizer):
     model = _mlp()
     data = TensorDataset(torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,)))
     # Train dense first so the optimizer-free weights have moved; then prune and keep training.
-    masks = prune_(model, MagnitudeConfig(sparsity=0.9, scope="global"))
+    masks = prune_(model, MagnitudeConfig(sparsity=0.9, scope="global")).masks
     cfg = TrainConfig(
         epochs=2, batch_size=32, optimizer=optimizer, lr=0.05, momentum=0.9, weight_decay=0.01, progress=False
     )
@@ -167,7 +169,8 @@ def test_load_sparse_rejects_wrong_model(tmp_path):
 
 
 def test_iterative_prune_and_retrain_cycles():
-    from slimkit.prune import iterative_sparsities, prune_iteratively_
+    from slimkit.prune import prune_iteratively_
+    from slimkit.prune.unstructured import iterative_sparsities
 
     targets = iterative_sparsities(0.9, 3)
     assert targets[-1] == pytest.approx(0.9) and targets == sorted(targets)
@@ -184,3 +187,41 @@ def test_iterative_prune_and_retrain_cycles():
     masks = prune_iteratively_(model, MagnitudeConfig(sparsity=0.9, include=["net.1"]), 3, retrain)
     assert seen == pytest.approx(targets, abs=1e-3)
     assert masks.sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
+# -- one verb for every method: prune_ -> PruneSummary -------------------------------------------
+
+
+def test_magnitude_summary_has_masks_callback_and_sparsity():
+    model = _mlp()
+    summary = prune_(model, MagnitudeConfig(sparsity=0.5, include=["net.1"]))
+    assert isinstance(summary, PruneSummary) and summary.method == "magnitude"
+    assert isinstance(summary.callback, MaskCallback) and summary.callback.masks is summary.masks
+    assert list(summary.masks) == ["net.1.weight"] and summary.sparsity == pytest.approx(0.5)
+    assert summary.params_before == summary.params_after == sum(p.numel() for p in model.parameters())
+    assert "net.1.weight" in summary.table() and "50.0%" in summary.table()
+    with pytest.raises(TypeError, match="magnitude pruning takes no extra arguments"):
+        prune_(model, MagnitudeConfig(sparsity=0.5), calibration=[])
+
+
+def test_gradual_summary_changes_nothing_until_training():
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = GradualConfig(final_sparsity=0.5, end_step=4, frequency=2, include=["net.1"])
+    summary = prune_(model, cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert summary.method == "gradual" and summary.sparsity is None
+    assert isinstance(summary.callback, GradualPruningCallback) and summary.masks is summary.callback.masks
+    data = TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    Trainer(model, TrainConfig(epochs=1, batch_size=16, lr=0.01, progress=False), [summary.callback]).fit(
+        data
+    )
+    assert summary.masks.sparsity() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_prune_dispatch_table_refuses_unknown_configs_and_duplicates():
+    with pytest.raises(TypeError, match="prune_ needs one of .*got dict") as err:
+        prune_(_mlp(), {"sparsity": 0.5})
+    assert all(name in str(err.value) for name in ("MagnitudeConfig", "GradualConfig", "StructuredConfig"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(MagnitudeConfig)(lambda model, config: None)

@@ -14,22 +14,27 @@ from slimkit.quant import (
     BF16Config,
     Int8DynamicConfig,
     Int8StaticConfig,
-    QSpec,
     WeightOnlyConfig,
     calibrate,
     config_from_dict,
     convert_,
-    dequantize,
     load_quantized,
-    pack_int4,
     prepare_,
-    quantize,
     quantize_,
     save_quantized,
+)
+from slimkit.quant.affine import (
+    QSpec,
+    dequantize,
+    minmax,
+    pack_int4,
+    param_shape,
+    qparams,
+    quantize,
+    quantize_tensor,
     sqnr_db,
     unpack_int4,
 )
-from slimkit.quant.affine import minmax, param_shape, qparams, quantize_tensor
 from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, WeightOnlyLinear
 from slimkit.quant.observers import make_observer
 
@@ -211,7 +216,7 @@ def test_int8_builtin_models_stay_close_to_float(config):
     for model, x in ((LeNet5().eval(), mnist), (LeNet300100().eval(), mnist), (DigitsCNN().eval(), digits)):
         ref = model(x)
         summary = quantize_(model, config, calibration_data=[x[:32], x[32:]])
-        assert summary["quantized"] and not summary["skipped"]
+        assert summary.quantized and not summary.skipped
         assert any(isinstance(m, (QuantLinear, QuantConv2d)) for m in model.modules())
         assert sqnr_db(ref, model(x)) > 30.0
 
@@ -253,7 +258,7 @@ def test_int8_conv_equals_float_conv_of_the_dequantized_operands(conv):
 )
 def test_slicing_into_small_pieces_changes_no_output_bit(config, monkeypatch):
     """Slices bound memory, not maths: one slice per row or image gives the very same outputs."""
-    from slimkit.quant import kernels
+    import slimkit.quant.kernels as kernels
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 9 * 9, 16))
@@ -333,7 +338,7 @@ def test_overrides_keep_layers_float_or_switch_method():
     assert isinstance(model.net[1], QuantLinear)
     assert isinstance(model.net[4], WeightOnlyLinear)
     assert type(model.net[7]) is nn.Linear
-    assert "net.7" in summary["skipped"]
+    assert "net.7" in summary.skipped
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ from slimkit.quant import (
     load_quantized,
     quantize_,
     save_quantized,
-    sqnr_db,
 )
+from slimkit.quant.affine import sqnr_db
 from slimkit.quant.modules import FoldedBatchNorm, QuantConv2d
 
 
@@ -76,7 +76,7 @@ def test_static_quantization_folds_and_reloads(tmp_path):
     x = torch.rand(64, 1, 8, 8)
     ref = model(x)
     result = quantize_(model, Int8StaticConfig(), calibration_data=[x[:32], x[32:]])
-    assert result["folded"] == {"features.1": "features.0", "features.4": "features.3"}
+    assert result.folded == {"features.1": "features.0", "features.4": "features.3"}
     assert isinstance(model.features[0], QuantConv2d) and isinstance(model.features[1], FoldedBatchNorm)
     assert sqnr_db(ref, model(x)) > 30.0
     save_quantized(model, tmp_path / "q.safetensors")
@@ -93,7 +93,7 @@ def test_folding_can_be_switched_off_and_tracing_does_not_count_as_calibration()
         model = _with_stats(DigitsCNN())
         cfg = Int8StaticConfig(activation_observer="moving_average", fold_batchnorm=fold)
         result = quantize_(model, cfg, calibration_data=[x[:32], 3 * x[32:]])
-        assert ("folded" in result) is fold
+        assert bool(result.folded) is fold
         assert isinstance(model.features[1], FoldedBatchNorm if fold else nn.BatchNorm2d)
         scales[fold] = [model.features[i].x_scale.item() for i in (0, 3)]
     # a moving average would move if the tracing pass had been observed as a third batch

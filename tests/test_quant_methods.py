@@ -1,34 +1,180 @@
-"""Quantization methods beyond round-to-nearest: GPTQ, QAT, mixed precision, transformers, ONNX Runtime."""
+"""Quantization methods: the method table, GPTQ, QAT, mixed precision, transformers, ONNX Runtime."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from slimkit.errors import ConfigError
 from slimkit.models.builtin import LeNet5, LeNet300100
 from slimkit.quant import (
+    BF16Config,
     Int8DynamicConfig,
     Int8StaticConfig,
     MixedPrecisionConfig,
     QATCallback,
     QATConfig,
-    QSpec,
     WeightOnlyConfig,
+    config_from_dict,
     convert_,
-    fake_quantize,
     load_quantized,
+    method_names,
+    onnx_problem,
     prepare_,
     quantize_,
     save_quantized,
-    sqnr_db,
 )
-from slimkit.quant.affine import dequantize, quantize_tensor
+from slimkit.quant.affine import QSpec, dequantize, fake_quantize, quantize_tensor, sqnr_db
+from slimkit.quant.base import QuantConfig
+from slimkit.quant.codecs import LayerCodec
 from slimkit.quant.gptq import HessianAccumulator, gptq_quantize, layer_output_error
+from slimkit.quant.method import QuantMethod, register_method, registered
 from slimkit.quant.modules import QuantConv2d, QuantLinear
 from slimkit.quant.qat import QATConv2d, QATLinear
+
+
+# -- the method table: a new method is one file (here: these few lines) and its registration --------------
+@dataclass
+class HalfConfig(QuantConfig):
+    """Weights rounded to float16, compute in float32: the smallest possible method."""
+
+
+class HalfLinear(nn.Linear):
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> HalfLinear:
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=torch.float16)
+        with torch.no_grad():
+            mod.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias)
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x, self.weight.float(), bias)
+
+
+class HalfMethod(QuantMethod):
+    name = "fp16_roundtrip"
+    config_type = HalfConfig
+    codecs = (LayerCodec(HalfLinear, lambda float_module, info: HalfLinear.from_float(float_module)),)
+
+    def build(self, config, module, collectors):
+        return HalfLinear.from_float(module)
+
+
+def test_a_registered_method_quantizes_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model, x = LeNet300100().eval(), torch.rand(16, 1, 28, 28)
+    ref = model(x)
+    with registered(HalfMethod()):
+        assert method_names()[-1] == "fp16_roundtrip"
+        cfg = config_from_dict({"method": "fp16_roundtrip", "overrides": {"net.7": None}})
+        assert isinstance(cfg, HalfConfig) and cfg.method == "fp16_roundtrip" and onnx_problem(cfg) is None
+        summary = quantize_(model, cfg)
+        assert summary.method == "fp16_roundtrip" and list(summary.quantized) == ["net.1", "net.4"]
+        assert list(summary.skipped) == ["net.7"] and isinstance(model.net[4], HalfLinear)
+        assert sqnr_db(ref, model(x)) > 50.0
+        save_quantized(model, tmp_path / "half.safetensors")
+        fresh = load_quantized(LeNet300100(), tmp_path / "half.safetensors").eval()
+        assert isinstance(fresh.net[1], HalfLinear) and torch.equal(fresh(x), model(x))
+        # Built-in configs hand layers to it too, by override or as mixed precision's ``low``.
+        mixed = LeNet300100().eval()
+        low_cfg = MixedPrecisionConfig(
+            low={"method": "fp16_roundtrip"},
+            overrides={"net.7": {"method": "int8_dynamic"}},
+            max_high_layers=1,
+        )
+        result = quantize_(mixed, low_cfg, calibration_data=[x])
+        (kept,) = result.analysis["high"]  # one layer kept float, the two others quantized as planned
+        assert set(result.quantized) == {"net.1", "net.4", "net.7"} - {kept} and kept in result.skipped
+        assert {type(mixed.get_submodule(n)).__name__ for n in result.quantized} <= {
+            "HalfLinear",
+            "QuantLinear",
+        }
+    assert "fp16_roundtrip" not in method_names()
+    with pytest.raises(ConfigError, match="^method: must be one of int8_dynamic, int8_static"):
+        config_from_dict({"method": "fp16_roundtrip"})
+
+
+def test_the_method_table_refuses_duplicates():
+    assert method_names() == ["int8_dynamic", "int8_static", "weight_only", "qat", "bf16", "mixed"]
+    with registered(HalfMethod()):
+        with pytest.raises(ValueError, match="'fp16_roundtrip' is already registered"):
+            register_method(HalfMethod())
+        renamed = type("Renamed", (HalfMethod,), {"name": "fp16_again"})()
+        with pytest.raises(ValueError, match="HalfConfig is already the config of method 'fp16_roundtrip'"):
+            register_method(renamed)
+
+    class BF16Linear(nn.Linear):  # another layer class under a name the file format already uses
+        pass
+
+    @dataclass
+    class RivalConfig(QuantConfig):
+        pass
+
+    rival = type("Rival", (HalfMethod,), {"name": "rival", "config_type": RivalConfig})()
+    rival.codecs = (LayerCodec(BF16Linear, lambda float_module, info: BF16Linear(1, 1)),)
+    with pytest.raises(ValueError, match="another codec is registered for layer class BF16Linear"):
+        register_method(rival)
+    assert method_names() == ["int8_dynamic", "int8_static", "weight_only", "qat", "bf16", "mixed"]
+
+
+_NO_FORM = "layers have no ONNX Runtime form; use int8_dynamic or weight_only"
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "why"),
+    [
+        (Int8DynamicConfig(), "activation_granularity", "must be tensor"),
+        (Int8DynamicConfig(activation_granularity="tensor"), None, None),
+        (WeightOnlyConfig(bits=4, algorithm="gptq"), None, None),
+        (Int8StaticConfig(), "method", f"int8_static {_NO_FORM}"),
+        (QATConfig(), "method", f"qat {_NO_FORM}"),
+        (BF16Config(), "method", f"bf16 {_NO_FORM}"),
+        (MixedPrecisionConfig(max_error=0.1), "low.activation_granularity", "must be tensor"),
+        (
+            MixedPrecisionConfig(low=WeightOnlyConfig(), high=BF16Config(), max_error=0.1),
+            "high.method",
+            f"bf16 {_NO_FORM}",
+        ),
+        (
+            WeightOnlyConfig(overrides={"fc*": None, "head": {"method": "int8_static"}}),
+            "overrides.head.method",
+            f"int8_static {_NO_FORM}",
+        ),
+        (
+            Int8DynamicConfig(
+                activation_granularity="tensor",
+                overrides={"fc*": {"activation_granularity": "tensor", "overrides": {"fc1": {}}}},
+            ),
+            "overrides.fc*.overrides.fc1.activation_granularity",
+            "must be tensor",
+        ),
+    ],
+)
+def test_onnx_problem_names_the_field(config, field, why):
+    found = onnx_problem(config)
+    assert (found is None) is (field is None)
+    if found is not None:
+        assert found[0] == field and found[1].startswith(why)
+
+
+def test_qat_quantize_only_prepares():
+    model = LeNet300100()
+    summary = quantize_(model, QATConfig(overrides={"net.7": None}))
+    assert (
+        summary.method == "qat"
+        and not summary.quantized
+        and summary.skipped == {"net.7": "override 'net.7': kept in float"}
+    )
+    assert list(summary.prepared) == ["net.1", "net.4"] and isinstance(model.net[1], QATLinear)
+    assert list(convert_(model).quantized) == ["net.1", "net.4"]
 
 
 def _correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -153,10 +299,10 @@ def test_mixed_precision_keeps_the_most_sensitive_layers(tmp_path):
     low = {"method": "weight_only", "bits": 4, "group_size": 32}
     cfg = MixedPrecisionConfig(low=low, max_high_layers=1, include=["0", "2"])
     summary = quantize_(model, cfg, calibration_data=[x])
-    analysis = summary["analysis"]
+    analysis = summary.analysis
     assert analysis["order"][0] == "2" and analysis["high"] == ["2"]
     assert analysis["sensitivity"]["2"] > 3 * analysis["sensitivity"]["0"]
-    assert type(model[2]) is nn.Linear and "2" in summary["skipped"]
+    assert type(model[2]) is nn.Linear and "2" in summary.skipped
     assert sqnr_db(ref, model(x)) > 15.0
     from slimkit.quant.sensitivity import plot_sensitivity
 
@@ -169,7 +315,7 @@ def test_mixed_precision_error_budget_is_met():
     x = torch.rand(64, 1, 28, 28)
     low = {"method": "int8_dynamic", "activation_granularity": "tensor"}
     summary = quantize_(model, MixedPrecisionConfig(low=low, max_error=1e-5), calibration_data=[x])
-    trace = summary["analysis"]["trace"]
+    trace = summary.analysis["trace"]
     assert trace[-1]["error"] <= 1e-5 or trace[-1]["high_layers"] == 3
     assert all(t["error"] > 1e-5 for t in trace[:-1])
 
@@ -213,7 +359,7 @@ def test_tiny_transformer_stays_close_to_float(config, min_sqnr):
     ref = model(**x).last_hidden_state
     calib = [_bert_inputs(seed=s) for s in range(1, 4)]
     summary = quantize_(model, config, calibration_data=calib)
-    assert len(summary["quantized"]) >= 12  # q, k, v, o, ffn in/out per layer
+    assert len(summary.quantized) >= 12  # q, k, v, o, ffn in/out per layer
     assert sqnr_db(ref, model(**x).last_hidden_state) > min_sqnr
 
 

@@ -20,7 +20,7 @@ def _raw(tmp_path: Path, quantize: dict) -> dict:
         "name": "tiny-quant",
         "model": {"builtin": "digits_cnn", "kwargs": {"width": 8}},
         "data": {"name": "digits"},
-        "steps": [{"type": "train", **FAST_TRAIN}, {"type": "quantize", **quantize}],
+        "steps": [{"type": "train", "train": FAST_TRAIN}, {"type": "quantize", **quantize}],
         "measure": {"repeats": 3, "warmup": 1, "batch_size": 32},
         "output": str(tmp_path / "run"),
     }
@@ -29,11 +29,16 @@ def _raw(tmp_path: Path, quantize: dict) -> dict:
 @pytest.mark.parametrize(
     ("quantize", "path"),
     [
-        ({"method": "int3"}, "steps[1].method"),
-        ({"method": "weight_only", "bits": 3}, "steps[1].bits"),
-        ({"method": "int8_dynamic", "bits": 4}, "steps[1].bits"),
-        ({"method": "int8_static", "train": {"epochs": 1}}, "steps[1].train"),
-        ({"method": "int8_static", "calibration_samples": 0}, "steps[1].calibration_samples"),
+        ({"int3": {}}, "steps[1].int3"),
+        ({}, "steps[1]"),
+        ({"int8_static": {}, "int8_dynamic": {}}, "steps[1].int8_dynamic"),
+        ({"weight_only": {"bits": 3}}, "steps[1].weight_only.bits"),
+        ({"int8_dynamic": {"bits": 4}}, "steps[1].int8_dynamic.bits"),
+        ({"int8_dynamic": {"method": "int8_dynamic"}}, "steps[1].int8_dynamic.method"),
+        ({"int8_static": {}, "train": {"epochs": 1}}, "steps[1].train"),
+        ({"qat": {}, "train": {"epochs": 0}}, "steps[1].train.epochs"),
+        ({"int8_static": {}, "calibration_samples": 0}, "steps[1].calibration_samples"),
+        ({"mixed": {"low": {"method": "int3"}, "max_error": 0.1}}, "steps[1].mixed.low.method"),
     ],
 )
 def test_bad_quantize_steps_name_the_field(tmp_path, quantize, path):
@@ -43,9 +48,7 @@ def test_bad_quantize_steps_name_the_field(tmp_path, quantize, path):
 
 
 def test_quantize_step_runs_and_writes_packed_weights(tmp_path):
-    raw = _raw(
-        tmp_path, {"method": "int8_static", "activation_observer": "percentile", "calibration_samples": 128}
-    )
+    raw = _raw(tmp_path, {"int8_static": {"activation_observer": "percentile"}, "calibration_samples": 128})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path), "--quiet"]) == 0
@@ -60,7 +63,7 @@ def test_quantize_step_runs_and_writes_packed_weights(tmp_path):
 @pytest.mark.slow
 def test_mixed_quantize_step_saves_the_sensitivity_plot(tmp_path):
     low = {"method": "int8_dynamic", "activation_granularity": "tensor"}
-    raw = _raw(tmp_path, {"method": "mixed", "low": low, "max_high_layers": 1, "calibration_samples": 64})
+    raw = _raw(tmp_path, {"mixed": {"low": low, "max_high_layers": 1}, "calibration_samples": 64})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path), "--quiet"]) == 0
@@ -72,14 +75,14 @@ def test_mixed_quantize_step_saves_the_sensitivity_plot(tmp_path):
 def _export_raw(tmp_path: Path, model: dict, quantize: dict) -> dict:
     raw = _raw(tmp_path, quantize)
     raw["model"] = model
-    raw["steps"].append({"type": "export", "example_samples": 4})
+    raw["steps"].append({"type": "export", "onnxruntime": {"example_samples": 4}})
     return raw
 
 
 def test_export_step_measures_the_model_on_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
     mlp = {"builtin": "lenet300100", "kwargs": {"in_features": 64}}
-    raw = _export_raw(tmp_path, mlp, {"method": "int8_dynamic", "activation_granularity": "tensor"})
+    raw = _export_raw(tmp_path, mlp, {"int8_dynamic": {"activation_granularity": "tensor"}})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path), "--quiet"]) == 0
@@ -95,7 +98,7 @@ def test_export_step_measures_the_model_on_onnxruntime(tmp_path):
 
 def test_export_must_be_last_and_names_unexportable_layers(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    dynamic = {"method": "int8_dynamic", "activation_granularity": "tensor"}
+    dynamic = {"int8_dynamic": {"activation_granularity": "tensor"}}
     raw = _export_raw(tmp_path, {"builtin": "digits_cnn", "kwargs": {"width": 8}}, dynamic)
     raw["steps"].append({"type": "evaluate"})
     with pytest.raises(ConfigError) as err:
@@ -113,19 +116,14 @@ def test_export_must_be_last_and_names_unexportable_layers(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("quantize", "path"),
     [
-        ({"method": "int8_dynamic"}, "steps[1].activation_granularity"),  # per-token scales by default
-        ({"method": "int8_static"}, "steps[1].method"),
-        ({"method": "bf16"}, "steps[1].method"),
-        ({"method": "qat", "train": {"epochs": 1}}, "steps[1].method"),
-        ({"method": "mixed", "low": {"method": "int8_static"}, "max_error": 0.01}, "steps[1].low.method"),
+        ({"int8_dynamic": {}}, "steps[1].int8_dynamic.activation_granularity"),  # per-token scales by default
+        ({"int8_static": {}}, "steps[1].int8_static"),
+        ({"bf16": None}, "steps[1].bf16"),
+        ({"qat": {}, "train": {"epochs": 1}}, "steps[1].qat"),
+        ({"mixed": {"low": {"method": "int8_static"}, "max_error": 0.01}}, "steps[1].mixed.low.method"),
         (
-            {
-                "method": "weight_only",
-                "bits": 8,
-                "group_size": None,
-                "overrides": {"net.5": {"method": "bf16"}},
-            },
-            "steps[1].overrides.net.5.method",
+            {"weight_only": {"bits": 8, "group_size": None, "overrides": {"net.5": {"method": "bf16"}}}},
+            "steps[1].weight_only.overrides.net.5.method",
         ),
     ],
 )
@@ -134,6 +132,25 @@ def test_quantize_steps_that_cannot_be_exported_fail_validation(tmp_path, quanti
     with pytest.raises(ConfigError) as err:
         parse_recipe(raw)
     assert err.value.path == path and "steps[2] exports to onnxruntime" in str(err.value)
+
+
+def test_quantize_keys_come_from_the_method_table(tmp_path):
+    from slimkit.quant import method_names
+
+    names = method_names()
+    assert {"int8_dynamic", "int8_static", "weight_only", "qat", "bf16", "mixed"} <= set(names)
+    raw = _raw(tmp_path, {"weight_only": {"bits": 4, "group_size": 32}, "calibration_samples": 16})
+    raw["steps"].append({"type": "quantize", "name": "qat", "qat": {"weight_bits": 4}})
+    recipe = parse_recipe(raw)
+    wo, qat = recipe.steps[1].config, recipe.steps[2].config
+    assert wo.quant.method == "weight_only" and wo.quant.group_size == 32 and wo.train is None
+    assert qat.train is not None and qat.train.epochs == 1  # qat trains one epoch unless told otherwise
+    # The resolved recipe writes every default under the method's key and reads back the same.
+    resolved = recipe.to_dict()
+    step = resolved["steps"][1]
+    assert set(step) == {"type", "name", "weight_only", "calibration_samples"}
+    assert step["weight_only"]["bits"] == 4 and "method" not in step["weight_only"]
+    assert parse_recipe(dict(resolved, output=raw["output"])).to_dict() == resolved
 
 
 def test_shipped_onnxruntime_recipe_on_a_tiny_encoder(tmp_path, data_dir, capsys):

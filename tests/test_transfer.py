@@ -12,20 +12,9 @@ from slimkit.errors import ConfigError
 from slimkit.models.hf import SentenceEncoder
 from slimkit.tasks import build_task
 from slimkit.train import Callback, TrainConfig, Trainer
-from slimkit.transfer import (
-    FinetuneConfig,
-    GradualUnfreezing,
-    HeadConfig,
-    LoraSpec,
-    TaskModel,
-    add_lora_,
-    discriminative_groups,
-    finetune,
-    layer_groups,
-    merge_lora_,
-    with_head,
-)
-from slimkit.transfer.heads import head_parameters
+from slimkit.transfer import FinetuneConfig, HeadConfig, LoraSpec, add_lora_, finetune, merge_lora_
+from slimkit.transfer.heads import TaskModel, head_parameters, with_head
+from slimkit.transfer.strategies import GradualUnfreezing, discriminative_groups, layer_groups
 from tests.transfer_helpers import same, snapshot, tiny_bert, tokenizer, toy_bundle
 
 
@@ -76,6 +65,37 @@ def test_linear_probe_trains_only_the_head_and_leaves_the_input_model(encoder, d
     assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
     assert all(p.requires_grad for p in encoder.parameters())
     assert all(p.requires_grad for p in model.parameters())  # flags handed back after training
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Everything a non-``_`` function must leave alone: weights, dtypes, grad flags, train/eval modes."""
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()},
+        {n: m.training for n, m in model.named_modules()},
+    )
+
+
+def assert_untouched(model: nn.Module, before: tuple) -> None:
+    state, params, modes = _fingerprint(model)
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(v, before[0][k]) and v.dtype == before[0][k].dtype for k, v in state.items())
+    assert params == before[1]
+    assert modes == before[2]
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora", "gradual"])
+def test_finetune_leaves_the_given_model_bit_identical(encoder, data, tok, strategy):
+    # Not an in-place verb (no trailing _): the model passed in keeps weights, flags and every module's mode.
+    encoder.train()
+    next(iter(encoder.children())).eval()  # a mixed train/eval state must survive too
+    before = _fingerprint(encoder)
+    extra = {"lora": {"lora": LoraSpec(r=2)}, "gradual": {"unfreeze_every": 1, "unfreeze_unit": "step"}}.get(
+        strategy, {}
+    )
+    result = finetune(encoder, data, _cfg(strategy, epochs=2, **extra), tok)
+    assert result.model is not encoder
+    assert_untouched(encoder, before)
 
 
 def test_full_finetuning_learns_the_toy_task(encoder, data, tok):

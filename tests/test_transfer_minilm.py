@@ -12,16 +12,9 @@ from slimkit.data import load_sst2
 from slimkit.models.hf import load_hf
 from slimkit.tasks import build_task
 from slimkit.train import TrainConfig
-from slimkit.transfer import (
-    FinetuneConfig,
-    HeadConfig,
-    LoraSpec,
-    add_lora_,
-    finetune,
-    layer_groups,
-    merge_lora_,
-)
-from slimkit.transfer import with_head as attach
+from slimkit.transfer import FinetuneConfig, HeadConfig, LoraSpec, add_lora_, finetune, merge_lora_
+from slimkit.transfer.heads import with_head as attach
+from slimkit.transfer.strategies import layer_groups
 
 pytestmark = pytest.mark.slow
 

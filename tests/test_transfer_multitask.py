@@ -71,6 +71,19 @@ def test_multitask_model_learns_every_task_and_uncertainty_weights_move(uncertai
     assert result.model.backbone.encoder is not encoder.encoder
 
 
+def test_train_multitask_leaves_the_given_model_bit_identical(tasks, tok):
+    encoder = SentenceEncoder(tiny_bert(tok.vocab_size)).train()
+    next(iter(encoder.children())).eval()
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    modes = {n: m.training for n, m in encoder.named_modules()}
+    flags = {n: p.requires_grad for n, p in encoder.named_parameters()}
+    result = train_multitask(encoder, tasks, _config(epochs=1), tok)
+    assert result.model.backbone.encoder is not encoder.encoder
+    assert all(torch.equal(v, state[k]) for k, v in encoder.state_dict().items())
+    assert {n: m.training for n, m in encoder.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in encoder.named_parameters()} == flags
+
+
 def test_per_task_metrics_equal_those_computed_directly(uncertainty_run, tasks, tok):
     model = uncertainty_run.model
     for name in ("polarity", "family"):

@@ -42,12 +42,19 @@ def test_finetune_steps_source_then_target(tmp_path, tiny_folder, data_dir, caps
         {
             "type": "finetune",
             "name": "yelp",
-            "strategy": "full",
-            "data": {"name": "sentiment", "path": str(data_dir), "domain": "yelp"},
-            "n_train": 96,
+            "finetune": {
+                "strategy": "full",
+                "data": {"name": "sentiment", "path": str(data_dir), "domain": "yelp"},
+                "n_train": 96,
+            },
             "train": dict(TRAIN, epochs=1),
         },
-        {"type": "finetune", "name": "amazon_lora", "strategy": "lora", "n_train": 64, "train": TRAIN},
+        {
+            "type": "finetune",
+            "name": "amazon_lora",
+            "finetune": {"strategy": "lora", "n_train": 64},
+            "train": TRAIN,
+        },
     ]
     path = _recipe(tmp_path, tiny_folder, target, steps)
     assert main(["run", str(path), "--quiet"]) == 0, capsys.readouterr().err
@@ -68,10 +75,12 @@ def test_multitask_step_trec_coarse_and_fine(tmp_path, tiny_folder, data_dir, ca
     fine = {"name": "trec", "path": str(data_dir), "label": "fine"}
     step = {
         "type": "multitask",
-        "tasks": [{"name": "coarse"}, {"name": "fine", "data": fine}],
-        "weighting": "uncertainty",
-        "sampling": "temperature",
-        "steps_per_epoch": 6,
+        "multitask": {
+            "tasks": [{"name": "coarse"}, {"name": "fine", "data": fine}],
+            "weighting": "uncertainty",
+            "sampling": "temperature",
+            "steps_per_epoch": 6,
+        },
         "train": dict(TRAIN, monitor="val_score"),
     }
     path = _recipe(tmp_path, tiny_folder, data, [step])
@@ -89,19 +98,32 @@ def test_multitask_step_trec_coarse_and_fine(tmp_path, tiny_folder, data_dir, ca
     "steps,expected",
     [
         (
-            [{"type": "multitask", "tasks": [{"name": "a"}, {"name": "a"}]}],
-            "steps[0].tasks[1].name: 'a' is already the name of tasks[0]",
+            [{"type": "multitask", "multitask": {"tasks": [{"name": "a"}, {"name": "a"}]}}],
+            "steps[0].multitask.tasks[1].name: 'a' is already the name of tasks[0]",
         ),
         (
-            [{"type": "multitask", "tasks": [{"name": "a"}, {"name": "b"}]}],
-            "steps[0].tasks: exactly one task must leave out data",
+            [{"type": "multitask", "multitask": {"tasks": [{"name": "a"}, {"name": "b"}]}}],
+            "steps[0].multitask.tasks: exactly one task must leave out data",
         ),
-        ([{"type": "finetune", "strategy": "sideways"}], "steps[0].strategy: must be one of"),
+        ([{"type": "multitask"}], "steps[0].multitask: is required"),
         (
-            [{"type": "finetune", "strategy": "gradual", "unfreeze_every": 3, "train": {"epochs": 3}}],
-            "steps[0].unfreeze_every: unfreezing every 3 epochs never unfreezes",
+            [{"type": "finetune", "finetune": {"strategy": "sideways"}}],
+            "steps[0].finetune.strategy: must be one of",
         ),
-        ([{"type": "finetune", "lora": {"target_modules": []}}], "steps[0].lora.target_modules: must be"),
+        (
+            [
+                {
+                    "type": "finetune",
+                    "finetune": {"strategy": "gradual", "unfreeze_every": 3},
+                    "train": {"epochs": 3},
+                }
+            ],
+            "steps[0].finetune.unfreeze_every: unfreezing every 3 epochs never unfreezes",
+        ),
+        (
+            [{"type": "finetune", "finetune": {"lora": {"target_modules": []}}}],
+            "steps[0].finetune.lora.target_modules: must be",
+        ),
     ],
 )
 def test_bad_steps_are_caught_at_validation(tmp_path, tiny_folder, data_dir, capsys, steps, expected):
@@ -114,18 +136,24 @@ def test_bad_steps_are_caught_at_validation(tmp_path, tiny_folder, data_dir, cap
 @pytest.mark.parametrize(
     "step,expected",
     [
-        ({"lora": {"target_modules": ["*.query", "*.no_such_layer"]}}, "lora.target_modules[1]: pattern"),
-        ({"head": {"num_labels": 3}}, "head.num_labels: the head has 3 outputs but sst2 has 2 classes"),
+        (
+            {"lora": {"target_modules": ["*.query", "*.no_such_layer"]}},
+            "steps[0].finetune.lora.target_modules[1]: pattern",
+        ),
+        (
+            {"head": {"num_labels": 3}},
+            "steps[0].finetune.head.num_labels: the head has 3 outputs but sst2 has 2 classes",
+        ),
         (
             {"strategy": "gradual", "unfreeze_unit": "step", "unfreeze_every": 20},
-            "unfreeze_every: unfreezing 3",
+            "steps[0].finetune.unfreeze_every: unfreezing 3",
         ),
     ],
 )
 def test_model_dependent_errors_stop_the_run_before_training(
     tmp_path, tiny_folder, data_dir, capsys, step, expected
 ):
-    step = {"type": "finetune", "strategy": "lora", "train": dict(TRAIN, epochs=1), **step}
+    step = {"type": "finetune", "finetune": {"strategy": "lora", **step}, "train": dict(TRAIN, epochs=1)}
     path = _recipe(tmp_path, tiny_folder, {"name": "sst2", "path": str(data_dir)}, [step])
     load_recipe(path)  # valid as far as the file goes
     assert main(["run", str(path), "--quiet"]) == 2

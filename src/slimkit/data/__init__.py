@@ -1,9 +1,12 @@
-"""slimkit.data: loaders that turn built-in, public and user data into a :class:`DataBundle`."""
+"""slimkit.data: loaders that turn built-in, public and user data into a :class:`DataBundle`.
 
-from slimkit.data.base import DataBundle, TextDataset, split_indices
+Building blocks (``TextDataset``, ``split_indices``, ``make_loader``, ``text_collate``)
+are imported from ``slimkit.data.base`` and ``slimkit.data.loaders``.
+"""
+
+from slimkit.data.base import DataBundle
 from slimkit.data.digits import load_digits
 from slimkit.data.files import load_hf_dataset, load_image_folder, load_npz, load_table
-from slimkit.data.loaders import make_loader, text_collate
 from slimkit.data.mnist import load_mnist
 from slimkit.data.registry import DataConfig, load_data
 from slimkit.data.text import load_sentiment, load_sst2, load_stsb, load_trec
@@ -11,7 +14,6 @@ from slimkit.data.text import load_sentiment, load_sst2, load_stsb, load_trec
 __all__ = [
     "DataBundle",
     "DataConfig",
-    "TextDataset",
     "load_data",
     "load_digits",
     "load_hf_dataset",
@@ -23,7 +25,4 @@ __all__ = [
     "load_stsb",
     "load_table",
     "load_trec",
-    "make_loader",
-    "split_indices",
-    "text_collate",
 ]

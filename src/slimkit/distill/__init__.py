@@ -1,36 +1,24 @@
-"""Knowledge distillation: soft labels, hidden states, attention maps and embeddings, on the one loop."""
+"""Knowledge distillation: soft labels, hidden states, attention maps and embeddings, on the one loop.
 
-from slimkit.distill.api import distill, no_label_loss, sentence_collate
-from slimkit.distill.cache import TeacherCache
+::
+
+    student = layer_dropped_student(teacher, every=2)        # or any smaller model
+    result = distill_(student, teacher, train_set, DistillConfig(temperature=4, alpha=0.9), TrainConfig())
+
+The building blocks (losses, layer maps, the teacher cache, built-in students,
+``no_label_loss`` / ``sentence_collate`` for unlabeled text) are imported from
+their submodules: ``slimkit.distill.losses``, ``.hooks``, ``.cache``, ``.students``, ``.api``.
+"""
+
+from slimkit.distill.api import DistillResult, distill_
 from slimkit.distill.callback import DistillationCallback
 from slimkit.distill.config import DistillConfig
-from slimkit.distill.hooks import default_layer_map, find_layer_list, uniform_layer_map
-from slimkit.distill.losses import attention_loss, kd_loss, match_loss, soft_hard_loss
-from slimkit.distill.students import (
-    MLP,
-    builtin_student,
-    kept_layer_indices,
-    layer_dropped_student,
-    pruned_student,
-)
+from slimkit.distill.students import layer_dropped_student
 
 __all__ = [
-    "MLP",
     "DistillConfig",
+    "DistillResult",
     "DistillationCallback",
-    "TeacherCache",
-    "attention_loss",
-    "builtin_student",
-    "default_layer_map",
-    "distill",
-    "find_layer_list",
-    "kd_loss",
-    "kept_layer_indices",
+    "distill_",
     "layer_dropped_student",
-    "match_loss",
-    "no_label_loss",
-    "pruned_student",
-    "sentence_collate",
-    "soft_hard_loss",
-    "uniform_layer_map",
 ]

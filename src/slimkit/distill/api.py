@@ -1,8 +1,9 @@
-"""The Python API: ``distill(student, teacher, data, ...)`` on the training core's one loop."""
+"""The Python API: ``distill_(student, teacher, data, ...)`` on the training core's one loop."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,7 +13,24 @@ from torch.utils.data import DataLoader, Dataset
 from slimkit.batch import text_inputs
 from slimkit.distill.callback import DistillationCallback, output_tensors
 from slimkit.distill.config import DistillConfig
-from slimkit.train import Callback, TrainConfig, Trainer, TrainResult
+from slimkit.train.callbacks import Callback
+from slimkit.train.config import TrainConfig
+from slimkit.train.trainer import Trainer, TrainResult
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill_` did to the student.
+
+    ``losses`` holds the last epoch's sample-weighted mean of each distillation
+    term, named as in ``train.history`` (``distill_output``, ``distill_hidden``,
+    ``distill_attention``, ``distill_task``).
+    """
+
+    train: TrainResult
+    teacher_params: int
+    student_params: int
+    losses: dict[str, float] = field(default_factory=dict)
 
 
 def no_label_loss(outputs: Any, batch: Any) -> torch.Tensor:
@@ -31,7 +49,7 @@ def sentence_collate(tokenizer: Callable, max_length: int = 128) -> Callable[[li
     return collate
 
 
-def distill(
+def distill_(
     student: nn.Module,
     teacher: nn.Module,
     train_data: Dataset,
@@ -44,7 +62,7 @@ def distill(
     collate_fn: Callable | None = None,
     evaluate: Callable[[nn.Module], dict] | None = None,
     callbacks: Sequence[Callback] = (),
-) -> TrainResult:
+) -> DistillResult:
     """Train ``student`` in place towards ``teacher`` (left unchanged).
 
     Before any weight changes, both models run once on the first training
@@ -65,4 +83,15 @@ def distill(
         collate_fn=collate_fn,
         evaluate=evaluate,
     )
-    return trainer.fit(train_data, val_data)
+    result = trainer.fit(train_data, val_data)
+    last = result.history[-1] if result.history else {}
+    return DistillResult(
+        train=result,
+        teacher_params=_count(teacher),
+        student_params=_count(student),
+        losses={k: v for k, v in last.items() if k.startswith("distill_")},
+    )
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,6 +1,9 @@
 """Students: small built-in networks, or new models made from the teacher's own parts.
 
 Every builder leaves the teacher exactly as it was and returns a new module.
+A structurally pruned student is made by pruning a copy of the teacher with
+``slimkit.prune.prune_``; distillation does not import pruning (techniques stay
+independent), so the caller (a script, or the recipe step) combines the two.
 """
 
 from __future__ import annotations
@@ -93,22 +96,6 @@ def layer_dropped_student(
     student_layers.extend(kept)
     _renumber(kept)
     _set_layer_count(student, indices)
-    return student
-
-
-def pruned_student(
-    teacher: nn.Module, config, calibration=None, example_inputs=None, forward=None
-) -> nn.Module:
-    """A structurally pruned copy of ``teacher`` (channels/neurons/heads removed; see slimkit.prune).
-
-    Distilling it from the unpruned teacher recovers what pruning lost.
-    """
-    from slimkit.prune.structured import prune_structured_
-
-    student = copy.deepcopy(teacher)
-    prune_structured_(
-        student, config, calibration=calibration, example_inputs=example_inputs, forward=forward
-    )
     return student
 
 

@@ -21,8 +21,8 @@ from torch import nn
 from slimkit.graph.propagate import Reach, Span, layer_output, propagate
 from slimkit.graph.trace import Trace
 
+#: Attributes that store an attention module's head count (how the owner of a head group is found).
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
-HEAD_SIZE_ATTRS = ("all_head_size", "inner_dim")
 
 
 @dataclass

@@ -7,13 +7,11 @@ Python floats so that they go straight into reports and JSON.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 from torch.nn import functional as F
 
@@ -74,23 +72,40 @@ def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _correlation(fn: Callable, a: Any, b: Any) -> float:
-    x, y = _pair(a, b)
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    # Computed here rather than with scipy.stats, so that importing the metrics does not load scipy.
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan
     if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan  # undefined for a constant input; NaN rather than a scipy warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(fn(x, y)[0])
+        return math.nan  # undefined for a constant input
+    xm, ym = x - x.mean(), y - y.mean()
+    r = float(np.dot(xm / np.linalg.norm(xm), ym / np.linalg.norm(ym)))
+    return max(-1.0, min(1.0, r))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given their average rank (scipy.stats.rankdata's ``average``)."""
+    order = np.argsort(x, kind="mergesort")
+    ordered = x[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    counts = np.diff(np.r_[starts, x.size])
+    average = starts + (counts + 1) / 2.0
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat(average, counts)
+    return ranks
 
 
 def pearson(a: Any, b: Any) -> float:
-    """Pearson correlation in [-1, 1] (NaN when either input is constant)."""
-    return _correlation(stats.pearsonr, a, b)
+    """Pearson correlation in [-1, 1] (NaN when either input is constant or not finite)."""
+    return _pearson(*_pair(a, b))
 
 
 def spearman(a: Any, b: Any) -> float:
-    """Spearman rank correlation in [-1, 1] (NaN when either input is constant)."""
-    return _correlation(stats.spearmanr, a, b)
+    """Spearman rank correlation in [-1, 1] (NaN when either input is constant or not finite)."""
+    x, y = _pair(a, b)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan
+    return _pearson(_ranks(x), _ranks(y))
 
 
 def perplexity(mean_nll: float) -> float:

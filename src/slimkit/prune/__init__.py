@@ -1,14 +1,16 @@
 """Pruning: unstructured magnitude masks with sparse files, and structured removal of channels and heads.
 
+One verb, ``prune_(model, config) -> PruneSummary``, for every method.
+
 Unstructured (weights set to zero, file shrinks)::
 
-    masks = prune_(model, MagnitudeConfig(sparsity=0.9, scope="global"))
-    Trainer(model, cfg, callbacks=[MaskCallback(masks)]).fit(train)   # zeros stay zero
-    finalize_(model, masks)
+    summary = prune_(model, MagnitudeConfig(sparsity=0.9, scope="global"))
+    Trainer(model, cfg, callbacks=[summary.callback]).fit(train)    # zeros stay zero
+    finalize_(model, summary.masks)
     save_sparse(model, "model.safetensors")                          # bitmask + values
     load_sparse(fresh_model, "model.safetensors")                    # bit-exact
 
-Gradual (Zhu & Gupta): ``GradualPruningCallback(model, GradualConfig(final_sparsity=0.9, end_step=...))``
+Gradual (Zhu & Gupta): ``prune_(model, GradualConfig(final_sparsity=0.9, end_step=...)).callback``
 among the Trainer callbacks. Iterative: ``prune_iteratively_(model, config, cycles, retrain)``.
 
 Structured (the model gets smaller and faster)::
@@ -18,67 +20,36 @@ Structured (the model gets smaller and faster)::
     save_pruned(model, "pruned.safetensors"); load_pruned(fresh_model, "pruned.safetensors")
 
 ``analyze(model, example)`` lists every channel/head group and why a group is not prunable.
+A custom importance criterion is an :class:`Importance` subclass decorated with
+``@register_importance("name")``; new layer types go in :mod:`slimkit.prune.slicers`.
 """
 
-from slimkit.graph.groups import Group, build_groups
 from slimkit.prune.api import prune_
 from slimkit.prune.config import GradualConfig, MagnitudeConfig, StructuredConfig
-from slimkit.prune.importance import (
-    ActivationImportance,
-    APoZImportance,
-    Importance,
-    L1Importance,
-    L2Importance,
-    OutputImportance,
-    RandomImportance,
-    TaylorImportance,
-    make_importance,
-)
+from slimkit.prune.importance import Importance, register_importance
+from slimkit.prune.masks import MaskCallback, Masks
 from slimkit.prune.sparse_io import load_pruned, load_sparse, load_sparse_file, save_pruned, save_sparse
-from slimkit.prune.structured import PruneSummary, analyze, prune_structured_
-from slimkit.prune.unstructured import (
-    GradualPruningCallback,
-    MaskCallback,
-    Masks,
-    finalize_,
-    iterative_sparsities,
-    magnitude_masks,
-    masks_from_zeros,
-    prune_iteratively_,
-    prune_magnitude_,
-)
+from slimkit.prune.structured import analyze
+from slimkit.prune.summary import PruneSummary
+from slimkit.prune.unstructured import GradualPruningCallback, finalize_, prune_iteratively_
 
 __all__ = [
-    "APoZImportance",
-    "ActivationImportance",
     "GradualConfig",
     "GradualPruningCallback",
-    "Group",
     "Importance",
-    "L1Importance",
-    "L2Importance",
     "MagnitudeConfig",
     "MaskCallback",
     "Masks",
-    "OutputImportance",
     "PruneSummary",
-    "RandomImportance",
     "StructuredConfig",
-    "TaylorImportance",
     "analyze",
-    "build_groups",
     "finalize_",
-    "iterative_sparsities",
     "load_pruned",
     "load_sparse",
     "load_sparse_file",
-    "magnitude_masks",
-    "make_importance",
-    "masks_from_zeros",
     "prune_",
     "prune_iteratively_",
-    "prune_magnitude_",
-    "prune_structured_",
+    "register_importance",
     "save_pruned",
     "save_sparse",
 ]

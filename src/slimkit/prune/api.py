@@ -1,4 +1,4 @@
-"""One entry point: ``prune_(model, config)`` dispatching on the config type."""
+"""One entry point: ``prune_(model, config)``, dispatching on the config type through the method table."""
 
 from __future__ import annotations
 
@@ -6,28 +6,29 @@ from typing import Any
 
 from torch import nn
 
-from slimkit.prune.config import MagnitudeConfig, StructuredConfig
-from slimkit.prune.unstructured import Masks, prune_magnitude_
+# Importing the handler modules registers their config types in the method table.
+import slimkit.prune.structured  # noqa: F401
+import slimkit.prune.unstructured  # noqa: F401
+from slimkit.prune.config import GradualConfig, MagnitudeConfig, StructuredConfig
+from slimkit.prune.methods import handler_for
+from slimkit.prune.summary import PruneSummary
 
 
-def prune_(model: nn.Module, config: MagnitudeConfig | StructuredConfig, **kwargs: Any) -> Any:
-    """Prune ``model`` in place.
+def prune_(
+    model: nn.Module, config: MagnitudeConfig | GradualConfig | StructuredConfig, **kwargs: Any
+) -> PruneSummary:
+    """Prune ``model`` in place with the method registered for ``config``'s type.
 
-    * :class:`MagnitudeConfig` -> zeroes weights, returns :class:`Masks` (hand them to
-      :class:`MaskCallback` while fine-tuning, then :func:`finalize_`).
-    * :class:`StructuredConfig` -> removes neurons/channels/heads, returns a
-      :class:`PruneSummary`; keyword arguments go to :func:`prune_structured_`
-      (``calibration``, ``example_inputs``, ``forward``, ``loss_fn``).
+    * :class:`MagnitudeConfig` -> zeroes weights now; ``summary.masks`` and
+      ``summary.callback`` (a :class:`MaskCallback` to keep the zeros while
+      fine-tuning; then :func:`finalize_`).
+    * :class:`GradualConfig` -> nothing changes yet; ``summary.callback`` is the
+      :class:`GradualPruningCallback` that prunes during training.
+    * :class:`StructuredConfig` -> removes neurons/channels/heads; keyword
+      arguments go to :func:`prune_structured_ <slimkit.prune.structured.prune_structured_>`
+      (``calibration``, ``example_inputs``, ``forward``, ``loss_fn``, ``importance``).
     """
-    if isinstance(config, MagnitudeConfig):
-        if kwargs:
-            raise TypeError(f"magnitude pruning takes no extra arguments, got {sorted(kwargs)}")
-        return prune_magnitude_(model, config)
-    if isinstance(config, StructuredConfig):
-        from slimkit.prune.structured import prune_structured_
-
-        return prune_structured_(model, config, **kwargs)
-    raise TypeError(f"prune_ needs a MagnitudeConfig or StructuredConfig, got {type(config).__name__}")
+    return handler_for(config)(model, config, **kwargs)
 
 
-__all__ = ["Masks", "prune_"]
+__all__ = ["PruneSummary", "prune_"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from slimkit.config import in_range, non_negative, one_of, positive_int, require
-from slimkit.errors import ConfigError
+from slimkit.prune.importance import importance_class
 
 #: Module types that unstructured pruning understands (weights of any shape work,
 #: but these are the layers whose weights are matrices or kernels).
@@ -125,9 +125,6 @@ class GradualConfig:
         )
 
 
-IMPORTANCES = ("l1", "l2", "activation", "apoz", "output", "taylor", "random")
-
-
 @dataclass
 class StructuredConfig:
     """Structured pruning: physically remove neurons, channels and attention heads.
@@ -145,7 +142,7 @@ class StructuredConfig:
     ratio: float = 0.5
     head_ratio: float | None = None
     ratios: dict[str, float] = field(default_factory=dict)
-    importance: Literal["l1", "l2", "activation", "apoz", "output", "taylor", "random"] = "l2"
+    importance: str = "l2"  # a name registered with slimkit.prune.importance.register_importance
     global_ranking: bool = False
     min_width: int = 1
     min_heads: int = 1
@@ -165,7 +162,7 @@ class StructuredConfig:
         for pattern, value in self.ratios.items():
             require(isinstance(pattern, str) and pattern != "", "ratios", "keys must be non-empty patterns")
             in_range(value, f"ratios.{pattern}", 0.0, 1.0, hi_open=True)
-        one_of(self.importance, "importance", IMPORTANCES)
+        importance_class(self.importance)  # the registry is the one list of criteria
         positive_int(self.min_width, "min_width")
         positive_int(self.min_heads, "min_heads")
         positive_int(self.round_to, "round_to")
@@ -180,9 +177,4 @@ class StructuredConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.importance in ("activation", "apoz", "output", "taylor")
-
-
-def check_calibration(config: StructuredConfig, calibration) -> None:
-    if config.needs_calibration and calibration is None:
-        raise ConfigError("importance", f"{config.importance!r} needs calibration batches (calibration=...)")
+        return importance_class(self.importance).needs_calibration

@@ -3,17 +3,23 @@
 Every criterion has the same interface: ``prepare(model, groups, calibration,
 forward, loss_fn)`` once (a calibration pass if it needs one), then
 ``score(model, group) -> tensor[units]``; lower means removed first.
+
+Criteria are named in one registry, :data:`IMPORTANCES`, filled by
+:func:`register_importance`; ``StructuredConfig.importance`` is validated
+against it and :func:`make_importance` builds from it, so a custom criterion
+is one decorated :class:`Importance` subclass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from slimkit.batch import default_forward
+from slimkit.errors import ConfigError
 from slimkit.graph.groups import Group
 from slimkit.graph.propagate import Span
 
@@ -50,9 +56,19 @@ def group_tensors(model: nn.Module, group: Group, grads: bool = False) -> list[t
 
 
 class Importance:
-    """Base class; subclasses implement :meth:`score` (and :meth:`prepare` if they need data)."""
+    """Base class; subclasses implement :meth:`score` (and :meth:`prepare` if they need data).
+
+    Every criterion is built the same way, ``cls(seed=..., max_batches=...)``,
+    and ignores what it does not use. ``needs_calibration``: :meth:`prepare`
+    needs calibration batches; ``needs_loss``: it also needs ``loss_fn``.
+    """
 
     needs_calibration = False
+    needs_loss = False
+
+    def __init__(self, *, seed: int = 0, max_batches: int = 8):
+        self.seed = seed
+        self.max_batches = max_batches
 
     def prepare(self, model, groups, calibration=None, forward=None, loss_fn=None) -> None:
         """Collect whatever the criterion needs (a calibration pass); the model is left unchanged."""
@@ -61,6 +77,41 @@ class Importance:
         raise NotImplementedError
 
 
+IMPORTANCES: dict[str, type[Importance]] = {}
+
+_I = TypeVar("_I", bound=type[Importance])
+
+
+def register_importance(name: str) -> Callable[[_I], _I]:
+    """Class decorator naming a criterion: ``@register_importance("mine") class Mine(Importance): ...``."""
+
+    def register(cls: _I) -> _I:
+        if not (isinstance(cls, type) and issubclass(cls, Importance)):
+            raise TypeError(f"importance {name!r} must be an Importance subclass, got {cls!r}")
+        if name in IMPORTANCES:
+            raise ValueError(f"importance {name!r} is already registered ({IMPORTANCES[name].__name__})")
+        IMPORTANCES[name] = cls
+        return cls
+
+    return register
+
+
+def importance_names() -> list[str]:
+    return list(IMPORTANCES)
+
+
+def importance_class(name: str) -> type[Importance]:
+    """The registered criterion called ``name``; a ConfigError listing the known names otherwise."""
+    if not isinstance(name, str) or name not in IMPORTANCES:
+        raise ConfigError("importance", f"must be one of {', '.join(IMPORTANCES)}; got {name!r}")
+    return IMPORTANCES[name]
+
+
+def make_importance(name: str, seed: int = 0, max_batches: int = 8) -> Importance:
+    return importance_class(name)(seed=seed, max_batches=max_batches)
+
+
+@register_importance("l1")
 class L1Importance(Importance):
     """Sum of |w| over every weight of the unit (producer rows, follower params, consumer columns)."""
 
@@ -68,15 +119,18 @@ class L1Importance(Importance):
         return sum(t.abs().sum(1) for t in group_tensors(model, group)).float()
 
 
+@register_importance("l2")
 class L2Importance(Importance):
     def score(self, model, group):
         return sum(t.pow(2).sum(1) for t in group_tensors(model, group)).float().sqrt()
 
 
+@register_importance("random")
 class RandomImportance(Importance):
     """A control: random scores (seeded)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, *, seed: int = 0, max_batches: int = 8):
+        super().__init__(seed=seed, max_batches=max_batches)
         self.generator = torch.Generator().manual_seed(seed)
 
     def score(self, model, group):
@@ -88,8 +142,8 @@ class _ConsumerInputStats(Importance):
 
     needs_calibration = True
 
-    def __init__(self, max_batches: int = 8):
-        self.max_batches = max_batches
+    def __init__(self, *, seed: int = 0, max_batches: int = 8):
+        super().__init__(seed=seed, max_batches=max_batches)
         self.stats: dict[str, torch.Tensor] = {}
 
     def prepare(self, model, groups, calibration=None, forward=None, loss_fn=None):
@@ -139,6 +193,7 @@ class _ConsumerInputStats(Importance):
         return self.stats[group.name]
 
 
+@register_importance("activation")
 class ActivationImportance(_ConsumerInputStats):
     """Mean |activation| of the unit as its consumers see it."""
 
@@ -146,6 +201,7 @@ class ActivationImportance(_ConsumerInputStats):
         return per_unit.abs().mean(1)
 
 
+@register_importance("apoz")
 class APoZImportance(_ConsumerInputStats):
     """1 - APoZ (Hu et al., 2016): units that are almost always exactly zero go first."""
 
@@ -153,6 +209,7 @@ class APoZImportance(_ConsumerInputStats):
         return (per_unit != 0).float().mean(1)
 
 
+@register_importance("output")
 class OutputImportance(_ConsumerInputStats):
     """Energy each unit contributes to its consumers' outputs: ||x_u W_u^T||^2 on calibration data.
 
@@ -169,13 +226,15 @@ class OutputImportance(_ConsumerInputStats):
         return per_unit.pow(2).sum(1) * w.pow(2).sum(1)
 
 
+@register_importance("taylor")
 class TaylorImportance(Importance):
     """First-order Taylor (Molchanov et al., 2019): (sum over the unit's weights of w * dL/dw)^2 per batch."""
 
     needs_calibration = True
+    needs_loss = True
 
-    def __init__(self, max_batches: int = 8):
-        self.max_batches = max_batches
+    def __init__(self, *, seed: int = 0, max_batches: int = 8):
+        super().__init__(seed=seed, max_batches=max_batches)
         self.stats: dict[str, torch.Tensor] = {}
 
     def prepare(self, model, groups, calibration=None, forward=None, loss_fn=None):
@@ -225,23 +284,3 @@ def run_calibration(
     finally:
         for m, mode in was_training.items():
             m.training = mode
-
-
-IMPORTANCE_CLASSES: dict[str, type[Importance]] = {
-    "l1": L1Importance,
-    "l2": L2Importance,
-    "random": RandomImportance,
-    "activation": ActivationImportance,
-    "apoz": APoZImportance,
-    "output": OutputImportance,
-    "taylor": TaylorImportance,
-}
-
-
-def make_importance(name: str, seed: int = 0, max_batches: int = 8) -> Importance:
-    cls = IMPORTANCE_CLASSES[name]
-    if cls is RandomImportance:
-        return cls(seed)
-    if cls.needs_calibration:
-        return cls(max_batches)
-    return cls()

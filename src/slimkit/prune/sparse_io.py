@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from slimkit.errors import ModelError
-from slimkit.graph.groups import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
+from slimkit.prune.slicers import find_slicer, head_count_attrs, slice_layer_
 from slimkit.utils.io import atomic_path, load_weights, load_weights_file, save_weights, state_dict_for_saving
 
 MAGIC = b"SLIMKIT-ZLIB-SAFETENSORS\n"
@@ -139,14 +139,7 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> int:
     """Save a structurally pruned model: its (smaller) weights plus the changed head counts."""
-    attrs = {
-        name: {
-            a: getattr(m, a)
-            for a in HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS
-            if isinstance(getattr(m, a, None), int)
-        }
-        for name, m in model.named_modules()
-    }
+    attrs = {name: head_count_attrs(m) for name, m in model.named_modules()}
     attrs = {n: a for n, a in attrs.items() if a}
     return save_weights(model, path, metadata={"slimkit_structure": json.dumps(attrs)})
 
@@ -154,26 +147,25 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> int:
 def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Shrink a freshly built (unpruned) ``model`` to the shapes stored by :func:`save_pruned`, then load.
 
-    Only Linear, Conv and BatchNorm layers are resized; any other mismatch is
-    an error naming the tensor, raised before the model changes.
+    Layers are shrunk through the slicer table (:mod:`slimkit.prune.slicers`),
+    dropping trailing positions that the stored weights then overwrite; any
+    mismatch no slicer explains is an error naming the tensor, raised before
+    the model changes.
     """
     state = load_weights_file(path)
     with safe_open(str(path), framework="pt") as f:
         attrs = json.loads((f.metadata() or {}).get("slimkit_structure", "{}"))
     modules = dict(model.named_modules())
-    resize = {}
+    shrink = {}
     for key, tensor in state.items():
-        mod_name, _, pname = key.rpartition(".")
+        mod_name, _, tname = key.rpartition(".")
         module = modules.get(mod_name)
-        current = getattr(module, pname, None) if module is not None else None
-        if isinstance(current, torch.Tensor) and current.shape != tensor.shape:
-            if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
-                raise ModelError(
-                    f"{path}: {key} has shape {tuple(tensor.shape)}, model {tuple(current.shape)}"
-                )
-            resize[mod_name] = module
-    for name, module in resize.items():
-        _resize_like_(module, name, state)
+        current = getattr(module, tname, None) if module is not None else None
+        if isinstance(current, torch.Tensor) and current.shape != tensor.shape and mod_name not in shrink:
+            shrink[mod_name] = _removal(module, mod_name, state, path)
+    with torch.no_grad():
+        for name, remove in shrink.items():
+            slice_layer_(modules[name], remove, name)
     for name, values in attrs.items():
         if name in modules:
             for attr, value in values.items():
@@ -181,21 +173,27 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return load_weights(model, path)
 
 
-def _resize_like_(module: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
-    for pname, p in list(module._parameters.items()):
-        if p is not None and f"{name}.{pname}" in state:
-            module._parameters[pname] = nn.Parameter(
-                torch.empty_like(state[f"{name}.{pname}"]), p.requires_grad
+def _removal(module: nn.Module, name: str, state: dict[str, torch.Tensor], path) -> dict[int, set[int]]:
+    """``{logical dim: trailing positions}`` that bring ``module`` to the stored shapes (checked first)."""
+    slicer = find_slicer(module)
+    try:
+        layout = slicer.layout(module) if slicer is not None else {}
+        sizes = slicer.sizes(module) if slicer is not None else {}
+    except ModelError as err:
+        raise ModelError(f"{path}: {name}: {err}") from None
+    new = dict(sizes)
+    for tname, dims in layout.items():
+        stored = state.get(f"{name}.{tname}")
+        if stored is not None:
+            new.update({d: stored.shape[t] for d, t in dims.items() if d in sizes})
+    for tname, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        stored = state.get(f"{name}.{tname}")
+        expected = list(tensor.shape)
+        for d, t in layout.get(tname, {}).items():
+            if d in new:
+                expected[t] = new[d]
+        if stored is not None and (list(stored.shape) != expected or any(new[d] > sizes[d] for d in sizes)):
+            raise ModelError(
+                f"{path}: {name}.{tname} has shape {tuple(stored.shape)}, model {tuple(tensor.shape)}"
             )
-    for bname, b in list(module._buffers.items()):
-        if b is not None and f"{name}.{bname}" in state:
-            module._buffers[bname] = torch.empty_like(state[f"{name}.{bname}"])
-    w = module.weight
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = w.shape
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = w.shape[0]
-    elif module.groups > 1:
-        module.out_channels = module.in_channels = module.groups = w.shape[0]
-    else:
-        module.out_channels, module.in_channels = w.shape[0], w.shape[1]
+    return {d: set(range(new[d], sizes[d])) for d in sizes if new[d] < sizes[d]}

@@ -3,7 +3,8 @@
 ``prune_structured_`` traces the model once, builds coupled groups
 (:mod:`slimkit.graph.groups`), scores their units with an importance
 criterion, validates everything, and only then slices the weights of every
-producer, follower and consumer. The result is an ordinary ``nn.Module`` with
+producer, follower and consumer through the slicer table
+(:mod:`slimkit.prune.slicers`). The result is an ordinary ``nn.Module`` with
 smaller ``Linear``/``Conv``/``BatchNorm`` layers (and updated head counts on
 attention modules), so it runs through its normal forward.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,32 +20,14 @@ from torch import nn
 
 from slimkit.batch import default_forward
 from slimkit.errors import ConfigError, ModelError
-from slimkit.graph.groups import HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS, Group, build_groups
+from slimkit.graph.groups import Group, build_groups
 from slimkit.graph.trace import trace_model
-from slimkit.prune.config import StructuredConfig, check_calibration
+from slimkit.prune.config import StructuredConfig
 from slimkit.prune.importance import Importance, make_importance
+from slimkit.prune.methods import register_method
 from slimkit.prune.select import matches
-
-
-@dataclass
-class PruneSummary:
-    """What structured pruning did: per group widths before/after and the parameter counts."""
-
-    groups: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
-    params_before: int = 0
-    params_after: int = 0
-    macs_before: int | None = None  # on the traced example batch
-    macs_after: int | None = None
-
-    def table(self) -> str:
-        lines = [f"{'group':50s} {'kind':7s} {'before':>6s} {'after':>6s}"]
-        for g in self.groups:
-            lines.append(f"{g['name'][:50]:50s} {g['kind']:7s} {g['before']:6d} {g['after']:6d}")
-        lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,}")
-        if self.macs_before is not None and self.macs_after is not None:
-            lines.append(f"MACs (example batch): {self.macs_before:,} -> {self.macs_after:,}")
-        return "\n".join(lines)
+from slimkit.prune.slicers import slice_layer_, slicer_for, update_head_counts_
+from slimkit.prune.summary import PruneSummary, count_parameters
 
 
 def _eligible(groups: list[Group], config: StructuredConfig) -> list[Group]:
@@ -171,59 +153,12 @@ def plan_slices(model: nn.Module, groups: list[Group], keep: dict[str, list]) ->
     return plan
 
 
-def _kept(size: int, removed: set, device: torch.device) -> torch.Tensor:
-    return torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long, device=device)
-
-
-def _new_param(old: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad)
-
-
-def slice_layer_(module: nn.Module, remove: dict[int, set]) -> None:
-    """Remove output (dim 0) and input (dim 1) positions from a Linear, Conv or BatchNorm in place."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        device = next((t.device for t in [*module.parameters(), *module.buffers()]), None)
-        keep = _kept(module.num_features, remove.get(0, set()), device)
-        for pname in ("weight", "bias"):
-            if getattr(module, pname) is not None:
-                setattr(module, pname, _new_param(getattr(module, pname), getattr(module, pname)[keep]))
-        for bname in ("running_mean", "running_var"):
-            if getattr(module, bname) is not None:
-                setattr(module, bname, getattr(module, bname)[keep].clone())
-        module.num_features = len(keep)
-        return
-    weight = module.weight
-    depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-    if 0 in remove:
-        keep = _kept(weight.shape[0], remove[0], weight.device)
-        weight = weight[keep]
-        if module.bias is not None:
-            module.bias = _new_param(module.bias, module.bias[keep])
-    if 1 in remove and not depthwise:
-        weight = weight[:, _kept(weight.shape[1], remove[1], weight.device)]
-    module.weight = _new_param(module.weight, weight)
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = weight.shape[0], weight.shape[1]
-    elif depthwise:
-        module.out_channels = module.in_channels = module.groups = weight.shape[0]
-    else:
-        module.out_channels, module.in_channels = weight.shape[0], weight.shape[1]
-
-
 def _update_head_counts_(model: nn.Module, groups: list[Group], keep: dict[str, list]) -> None:
     modules = dict(model.named_modules())
     for g in groups:
-        if g.kind != "head" or g.head_owner is None:
-            continue
-        owner = modules[g.head_owner]
-        head_size = next(iter(g.producers.values())).block
-        new = len(keep[g.name])
-        for attr in HEAD_COUNT_ATTRS:
-            if getattr(owner, attr, None) == g.units:
-                setattr(owner, attr, new)
-        for attr in HEAD_SIZE_ATTRS:
-            if getattr(owner, attr, None) == g.units * head_size:
-                setattr(owner, attr, new * head_size)
+        if g.kind == "head" and g.head_owner is not None:
+            head_size = next(iter(g.producers.values())).block
+            update_head_counts_(modules[g.head_owner], g.units, len(keep[g.name]), head_size)
 
 
 class _CallWith(nn.Module):
@@ -251,6 +186,30 @@ def analyze(model: nn.Module, example: Any, forward: Callable | None = None) -> 
     return build_groups(model, trace_model(model, forward or default_forward, example))
 
 
+def _criterion(
+    config: StructuredConfig, importance: Importance | None, calibration: Any, loss_fn: Callable | None
+) -> Importance:
+    """The importance criterion to use, checked against the data it was given."""
+    criterion = importance or make_importance(config.importance, config.seed, config.calibration_batches)
+    what = repr(config.importance) if importance is None else type(importance).__name__
+    if criterion.needs_calibration and calibration is None:
+        raise ConfigError("importance", f"{what} needs calibration batches (calibration=...)")
+    if criterion.needs_loss and loss_fn is None:
+        raise ConfigError("importance", f"{what} needs loss_fn(model, batch) -> scalar loss")
+    return criterion
+
+
+def _slice_all_(model: nn.Module, plan: dict[str, dict[int, set]]) -> None:
+    modules = dict(model.named_modules())
+    for name in plan:  # every layer must have a slicer before the first one changes
+        module = modules[name]
+        slicer_for(module, name).sizes(module)
+    with torch.no_grad():
+        for name, remove in plan.items():
+            slice_layer_(modules[name], remove, name)
+
+
+@register_method(StructuredConfig)
 def prune_structured_(
     model: nn.Module,
     config: StructuredConfig,
@@ -268,9 +227,7 @@ def prune_structured_(
     ``loss_fn(model, batch) -> scalar`` is needed by the Taylor criterion.
     ``importance`` overrides ``config.importance`` with a custom criterion.
     """
-    check_calibration(config, calibration)
-    if config.importance == "taylor" and loss_fn is None and importance is None:
-        raise ConfigError("importance", "'taylor' needs loss_fn(model, batch) -> scalar loss")
+    criterion = _criterion(config, importance, calibration, loss_fn)
     calibration = list(calibration) if calibration is not None else None
     example = example_inputs if example_inputs is not None else (calibration[0] if calibration else None)
     if example is None:
@@ -278,20 +235,15 @@ def prune_structured_(
     groups = analyze(model, example, forward)
     chosen = _eligible(groups, config)
     _check_patterns(model, groups, chosen, config)
-    criterion = importance or make_importance(config.importance, config.seed, config.calibration_batches)
     criterion.prepare(model, chosen, calibration, forward or default_forward, loss_fn)
-    scores = {g.name: criterion.score(model, g) for g in chosen}
-    keep = choose_units(chosen, scores, config)
+    keep = choose_units(chosen, {g.name: criterion.score(model, g) for g in chosen}, config)
     plan = plan_slices(model, chosen, keep)
-    before = sum(p.numel() for p in model.parameters())
-    macs_before = _macs(model, forward, example)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, remove in plan.items():
-            slice_layer_(modules[name], remove)
+    summary = PruneSummary(method="structured", params_before=count_parameters(model))
+    summary.macs_before = _macs(model, forward, example)
+    _slice_all_(model, plan)
     _update_head_counts_(model, chosen, keep)
-    summary = PruneSummary(params_before=before, params_after=sum(p.numel() for p in model.parameters()))
-    summary.macs_before, summary.macs_after = macs_before, _macs(model, forward, example)
+    summary.params_after = count_parameters(model)
+    summary.macs_after = _macs(model, forward, example)
     summary.groups = [
         {"name": g.name, "kind": g.kind, "before": g.units, "after": len(keep[g.name])} for g in chosen
     ]

@@ -1,11 +1,9 @@
-"""Unstructured magnitude pruning: masks on |w|, kept at exactly zero during fine-tuning.
+"""Unstructured magnitude pruning: masks on |w|, one-shot, iterative or gradual (Zhu & Gupta).
 
-Masks live in a :class:`Masks` object (parameter name -> bool tensor) rather
-than as buffers or parametrizations, so the model's state dict and forward stay
-those of an ordinary module; :class:`MaskCallback` keeps pruned weights at
-zero while the Trainer runs (gradients masked after backward, weights
-re-masked after every optimizer step, which also cancels momentum and weight
-decay that would otherwise revive them).
+The masks and the callback that holds them during fine-tuning are in
+:mod:`slimkit.prune.masks`. ``prune_`` handles :class:`MagnitudeConfig`
+(weights zeroed now) and :class:`GradualConfig` (a callback that prunes while
+training) through the handlers registered at the end of this module.
 """
 
 from __future__ import annotations
@@ -15,32 +13,10 @@ from torch import nn
 
 from slimkit.errors import ModelError
 from slimkit.prune.config import GradualConfig, MagnitudeConfig, parse_n_m
+from slimkit.prune.masks import MaskCallback, Masks
+from slimkit.prune.methods import no_extra_arguments, register_method
 from slimkit.prune.select import select_modules
-from slimkit.train.callbacks import Callback
-
-
-class Masks(dict):
-    """``{parameter name: bool mask}``; True keeps the weight."""
-
-    def apply_(self, model: nn.Module) -> nn.Module:
-        with torch.no_grad():
-            for name, mask in self.items():
-                # masked_fill, not mul: w * 0 would leave -0.0, which costs space in sparse files.
-                model.get_parameter(name).masked_fill_(~mask, 0.0)
-        return model
-
-    def mask_grads_(self, model: nn.Module) -> None:
-        for name, mask in self.items():
-            grad = model.get_parameter(name).grad
-            if grad is not None:
-                grad.masked_fill_(~mask, 0.0)
-
-    def sparsity(self) -> float:
-        total = sum(m.numel() for m in self.values())
-        return 1.0 - sum(int(m.sum()) for m in self.values()) / max(total, 1)
-
-    def layer_sparsity(self) -> dict[str, float]:
-        return {n: 1.0 - float(m.float().mean()) for n, m in self.items()}
+from slimkit.prune.summary import PruneSummary, count_parameters
 
 
 def prunable_parameters(model: nn.Module, config: MagnitudeConfig) -> dict[str, torch.Tensor]:
@@ -125,22 +101,6 @@ def finalize_(model: nn.Module, masks: Masks) -> nn.Module:
     return model
 
 
-class MaskCallback(Callback):
-    """Keeps pruned weights at exactly zero during training (works with momentum and weight decay)."""
-
-    def __init__(self, masks: Masks):
-        self.masks = masks
-
-    def on_train_begin(self, trainer) -> None:
-        self.masks.apply_(trainer.model)
-
-    def on_after_backward(self, trainer) -> None:
-        self.masks.mask_grads_(trainer.model)
-
-    def on_step_end(self, trainer) -> None:
-        self.masks.apply_(trainer.model)
-
-
 class GradualPruningCallback(MaskCallback):
     """Zhu & Gupta's gradual magnitude pruning: sparsity follows a cubic schedule over training steps.
 
@@ -206,3 +166,29 @@ def prune_iteratively_(model: nn.Module, config: MagnitudeConfig, cycles: int, r
         masks.apply_(model)
         retrain(model, MaskCallback(masks))
     return masks
+
+
+@register_method(MagnitudeConfig)
+def _magnitude(model: nn.Module, config: MagnitudeConfig, **kwargs) -> PruneSummary:
+    no_extra_arguments("magnitude", kwargs)
+    masks = prune_magnitude_(model, config)
+    params = count_parameters(model)
+    return PruneSummary(
+        method="magnitude",
+        params_before=params,
+        params_after=params,
+        masks=masks,
+        callback=MaskCallback(masks),
+        sparsity=masks.sparsity(),
+    )
+
+
+@register_method(GradualConfig)
+def _gradual(model: nn.Module, config: GradualConfig, **kwargs) -> PruneSummary:
+    """Nothing changes yet: the returned callback prunes on schedule once it is among the Trainer's."""
+    no_extra_arguments("gradual", kwargs)
+    callback = GradualPruningCallback(model, config)
+    params = count_parameters(model)
+    return PruneSummary(
+        method="gradual", params_before=params, params_after=params, masks=callback.masks, callback=callback
+    )

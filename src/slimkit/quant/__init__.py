@@ -3,16 +3,20 @@
 Typical use::
 
     from slimkit.quant import quantize_, Int8StaticConfig
-    quantize_(model, Int8StaticConfig(overrides={"classifier.*": None}), calibration_data=batches)
+    summary = quantize_(model, Int8StaticConfig(overrides={"classifier.*": None}), calibration_data=batches)
 
 or the explicit steps ``prepare_(model, cfg)``, ``calibrate(model, batches)``,
 ``convert_(model)``. Quantized layers run on integer kernels (PyTorch's
 ``torch._int_mm`` / int8 and int4 weight-only kernels); transformer encoders
-can be exported to ONNX Runtime's int8 kernels with :func:`to_onnxruntime`.
+can be exported to ONNX Runtime's int8 kernels with
+:func:`slimkit.export.onnx.to_onnxruntime` when :func:`onnx_problem` finds none.
+
+Each method is one file in ``slimkit/quant/methods/`` registered in the method
+table (:mod:`slimkit.quant.method`); :func:`method_names` lists them.
 """
 
-from slimkit.quant.affine import QSpec, dequantize, fake_quantize, pack_int4, quantize, sqnr_db, unpack_int4
-from slimkit.quant.api import calibrate, convert_, is_prepared, prepare_, quantize_, unprepare_
+from slimkit.quant.api import calibrate, convert_, prepare_, quantize_, unprepare_
+from slimkit.quant.callback import QATCallback
 from slimkit.quant.config import (
     BF16Config,
     Int8DynamicConfig,
@@ -23,8 +27,9 @@ from slimkit.quant.config import (
     config_from_dict,
 )
 from slimkit.quant.fold import fold_batchnorm_
-from slimkit.quant.qat import QATCallback
+from slimkit.quant.method import method_names, onnx_problem
 from slimkit.quant.serialize import load_quantized, save_quantized
+from slimkit.quant.summary import QuantSummary
 
 __all__ = [
     "BF16Config",
@@ -33,22 +38,17 @@ __all__ = [
     "MixedPrecisionConfig",
     "QATCallback",
     "QATConfig",
-    "QSpec",
+    "QuantSummary",
     "WeightOnlyConfig",
     "calibrate",
     "config_from_dict",
     "convert_",
-    "dequantize",
-    "fake_quantize",
     "fold_batchnorm_",
-    "is_prepared",
     "load_quantized",
-    "pack_int4",
+    "method_names",
+    "onnx_problem",
     "prepare_",
-    "quantize",
     "quantize_",
     "save_quantized",
-    "sqnr_db",
-    "unpack_int4",
     "unprepare_",
 ]

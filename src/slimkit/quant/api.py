@@ -19,26 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
+import slimkit.quant.methods  # noqa: F401  (registers the built-in methods)
 from slimkit.batch import Forward, default_forward
 from slimkit.errors import ConfigError, DataError, ModelError
-from slimkit.quant import builders
-from slimkit.quant.affine import QSpec
-from slimkit.quant.config import (
-    Int8DynamicConfig,
-    Int8StaticConfig,
-    MixedPrecisionConfig,
-    QATConfig,
-    QuantConfig,
-    WeightOnlyConfig,
-    config_from_dict,
-)
+from slimkit.quant.base import as_config
+from slimkit.quant.builders import build_layer
 from slimkit.quant.fold import conv_bn_pairs, folded_conv
-from slimkit.quant.gptq import HessianAccumulator
+from slimkit.quant.method import method_for
 from slimkit.quant.modules import FoldedBatchNorm
-from slimkit.quant.observers import make_observer
-from slimkit.quant.plan import Plan, build_plan, get_module, set_module
-from slimkit.quant.qat import QATConv2d, QATLinear, to_qat
-from slimkit.quant.smoothquant import ChannelAbsMax
+from slimkit.quant.plan import EMBEDDING_CONFIG, Plan, build_plan, get_module, layer_method, set_module
+from slimkit.quant.summary import QuantSummary
 
 _STATE = "_slimkit_quant_state"
 
@@ -53,16 +43,6 @@ class _State:
     forward: Forward | None = None
     example: Any = None  # the first calibration batch: traced to find BatchNorms to fold
     paused: bool = False  # collectors ignore forward passes that are not calibration
-
-
-def as_config(config: Any) -> Any:
-    if isinstance(config, dict):
-        return config_from_dict(config)
-    if not isinstance(config, QuantConfig):
-        raise ConfigError(
-            "config", f"must be a quantization config or a mapping, got {type(config).__name__}"
-        )
-    return config
 
 
 def is_prepared(model: nn.Module) -> bool:
@@ -82,36 +62,25 @@ def prepare_(model: nn.Module, config: Any) -> Plan:
             state.collectors[name] = collectors
             state.hooks.append(get_module(model, name).register_forward_pre_hook(_hook(collectors, state)))
     for name, cfg in plan.layers.items():
-        if isinstance(cfg, QATConfig):
-            set_module(model, name, to_qat(get_module(model, name), cfg))
+        method = layer_method(cfg)
+        swapped = method.prepare_layer(cfg, get_module(model, name)) if method else None
+        if swapped is not None:
+            set_module(model, name, swapped)
     setattr(model, _STATE, state)
     return plan
 
 
 def _collectors(module: nn.Module, cfg: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    width = module.in_features if isinstance(module, nn.Linear) else None
-    if isinstance(cfg, Int8StaticConfig):
-        if cfg.smoothquant and width:
-            # Per-channel ranges: the per-tensor range of x / s follows exactly once s is known.
-            out["act_channels"] = make_observer("minmax", QSpec(8, cfg.activation_symmetric, "channel", 1))
-        else:
-            spec = QSpec(8, cfg.activation_symmetric, "tensor")
-            out["act"] = make_observer(cfg.activation_observer, spec, percentile=cfg.percentile)
-    if isinstance(cfg, (Int8DynamicConfig, Int8StaticConfig)) and cfg.smoothquant and width:
-        out["absmax"] = ChannelAbsMax(width)
-    if isinstance(cfg, WeightOnlyConfig) and cfg.algorithm == "gptq":
-        out["hessian"] = HessianAccumulator(width)
-    return out
+    method = layer_method(cfg)
+    return method.collectors(cfg, module) if method else {}
 
 
 def _hook(collectors: dict[str, Any], state: _State):
     def hook(module: nn.Module, args: tuple) -> None:
         if state.paused:
             return
-        x = args[0]
-        for name, collector in collectors.items():
-            collector.update(x.reshape(-1, x.shape[-1]) if name == "act_channels" else x)
+        for collector in collectors.values():
+            collector.update(args[0])
 
     return hook
 
@@ -145,7 +114,7 @@ def calibrate(
         model.train(was_training)
     if used == 0:
         raise DataError("calibration: no batches were given")
-    state.batches.extend(kept if isinstance(state.config, MixedPrecisionConfig) else [])
+    state.batches.extend(kept if method_for(state.config).keeps_batches else [])
     state.forward = forward
     state.example = kept[0] if state.example is None else state.example
     return used
@@ -168,14 +137,10 @@ def _describe(batch: Any) -> str:
     return type(batch).__name__
 
 
-def convert_(model: nn.Module) -> dict[str, dict[str, str]]:
-    """Replace the prepared layers by quantized ones; returns ``{"quantized": ..., "skipped": ...}``."""
+def convert_(model: nn.Module) -> QuantSummary:
+    """Replace the prepared layers by quantized ones; returns what was done (see :class:`QuantSummary`)."""
     state = _require_state(model)
-    plan = state.plan
-    if isinstance(state.config, MixedPrecisionConfig):
-        from slimkit.quant.sensitivity import mixed_precision_plan
-
-        plan = mixed_precision_plan(model, state)
+    plan = method_for(state.config).refine_plan(state.config, model, state)
     missing = [n for n, c in state.collectors.items() if n in plan.layers and _empty(c)]
     if missing:
         raise DataError(
@@ -184,7 +149,7 @@ def convert_(model: nn.Module) -> dict[str, dict[str, str]]:
     folds = _batchnorm_folds(model, state, plan)
     source = {name: folds[name][0] if name in folds else get_module(model, name) for name in plan.layers}
     new = {
-        name: builders.build(source[name], cfg, state.collectors.get(name, {}))
+        name: build_layer(source[name], cfg, state.collectors.get(name, {}))
         for name, cfg in plan.layers.items()
     }
     _detach(model, state)
@@ -192,18 +157,22 @@ def convert_(model: nn.Module) -> dict[str, dict[str, str]]:
         set_module(model, name, module)
     for _, bn in folds.values():
         set_module(model, bn, FoldedBatchNorm())
-    result = summary(new, plan.skipped)
-    if folds:
-        result["folded"] = {bn: conv for conv, (_, bn) in folds.items()}
-    if hasattr(plan, "analysis"):
-        result["analysis"] = plan.analysis
-    return result
+    return QuantSummary(
+        state.config.method,
+        quantized={n: m.extra_repr() for n, m in new.items()},
+        skipped=dict(plan.skipped),
+        folded={bn: conv for conv, (_, bn) in folds.items()},
+        analysis=plan.analysis,
+    )
 
 
 def _batchnorm_folds(model: nn.Module, state: _State, plan: Plan) -> dict[str, tuple[nn.Module, str]]:
-    """``{conv: (folded copy, batchnorm name)}`` for the static-int8 convs a BatchNorm alone reads."""
-    config = state.config
-    if not (isinstance(config, Int8StaticConfig) and config.fold_batchnorm and state.example is not None):
+    """``{conv: (folded copy, batchnorm name)}`` for the planned convs a BatchNorm alone reads.
+
+    Only when the config's method folds (int8_static) and only for convs whose
+    method builds from the folded float copy (int8, not QAT's trained layers).
+    """
+    if not (method_for(state.config).fold_batchnorm(state.config) and state.example is not None):
         return {}
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         return {}
@@ -220,16 +189,16 @@ def _batchnorm_folds(model: nn.Module, state: _State, plan: Plan) -> dict[str, t
     return {
         conv: (folded_conv(get_module(model, conv), get_module(model, bn)), bn)
         for conv, bn in pairs.items()
-        if isinstance(plan.layers.get(conv), (Int8StaticConfig, Int8DynamicConfig))
+        if _takes_folded_conv(plan.layers.get(conv))
     }
+
+
+def _takes_folded_conv(cfg: Any) -> bool:
+    return cfg is not None and cfg != EMBEDDING_CONFIG and method_for(cfg).takes_folded_conv
 
 
 def _empty(collectors: dict[str, Any]) -> bool:
     return any(getattr(c, "batches", 1) == 0 or getattr(c, "n", 1) == 0 for c in collectors.values())
-
-
-def summary(new: dict[str, nn.Module], skipped: dict[str, str]) -> dict[str, dict[str, str]]:
-    return {"quantized": {n: m.extra_repr() for n, m in new.items()}, "skipped": dict(skipped)}
 
 
 def _detach(model: nn.Module, state: _State) -> None:
@@ -241,10 +210,11 @@ def _detach(model: nn.Module, state: _State) -> None:
 def unprepare_(model: nn.Module) -> None:
     """Undo ``prepare_``: remove collectors and turn fake-quantized layers back into float ones."""
     state = _require_state(model)
-    for name in state.plan.layers:
-        module = get_module(model, name)
-        if isinstance(module, (QATLinear, QATConv2d)):
-            set_module(model, name, builders.qat_to_float(module))
+    for name, cfg in state.plan.layers.items():
+        method = layer_method(cfg)
+        restored = method.unprepare_layer(cfg, get_module(model, name)) if method else None
+        if restored is not None:
+            set_module(model, name, restored)
     _detach(model, state)
 
 
@@ -261,15 +231,16 @@ def quantize_(
     calibration_data: Iterable[Any] | None = None,
     forward: Forward | None = None,
     max_batches: int | None = None,
-) -> dict[str, dict[str, str]]:
+) -> QuantSummary:
     """Quantize ``model`` in place in one call (QAT: only prepares; train, then ``convert_``)."""
     config = as_config(config)
     needs = [c.method for c in (config, *config.overrides.values()) if c is not None and c.needs_calibration]
     if needs and calibration_data is None:
         raise ConfigError("calibration_data", f"{needs[0]} needs calibration batches")
     plan = prepare_(model, config)
-    if isinstance(config, QATConfig):
-        return summary({}, plan.skipped) | {"prepared": {n: "fake-quantized (QAT)" for n in plan.layers}}
+    if method_for(config).trains:
+        prepared = {n: "fake-quantized (QAT)" for n in plan.layers}
+        return QuantSummary(config.method, skipped=dict(plan.skipped), prepared=prepared)
     try:
         if needs:
             calibrate(model, calibration_data, forward, max_batches)

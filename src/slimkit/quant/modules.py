@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slimkit.quant import kernels
+import slimkit.quant.kernels as kernels
 from slimkit.quant.affine import QSpec, dequantize, pack_int4, unpack_int4
 
 INT8_CHANNEL = QSpec(8, True, "channel", 0)

@@ -10,13 +10,7 @@ import torch
 from torch import nn
 
 from slimkit.errors import ConfigError, ModelError
-from slimkit.quant.config import (
-    Int8DynamicConfig,
-    Int8StaticConfig,
-    MixedPrecisionConfig,
-    QATConfig,
-    WeightOnlyConfig,
-)
+from slimkit.quant.method import QuantMethod, method_for
 
 EMBEDDING_CONFIG = "embedding_int8"
 
@@ -25,6 +19,12 @@ EMBEDDING_CONFIG = "embedding_int8"
 class Plan:
     layers: dict[str, Any] = field(default_factory=dict)  # module name -> layer config (or EMBEDDING_CONFIG)
     skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it stays float
+    analysis: dict | None = None  # mixed precision: the sensitivity analysis that chose the layers
+
+
+def layer_method(cfg: Any) -> QuantMethod | None:
+    """The method that quantizes a planned layer; None for embedding tables (int8 per row, any method)."""
+    return None if cfg == EMBEDDING_CONFIG else method_for(cfg)
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,24 +39,6 @@ def _check_dtypes(model: nn.Module, names: list[str]) -> None:
             )
 
 
-def supports(config: Any, module: nn.Module) -> str | None:
-    """``None`` if ``config`` can quantize ``module``, else the reason it cannot."""
-    if isinstance(module, nn.Linear):
-        if isinstance(config, WeightOnlyConfig) and config.bits == 4:
-            if module.in_features % config.group_size:
-                return f"in_features {module.in_features} is not a multiple of group_size {config.group_size}"
-            if module.in_features % 2:
-                return "int4 packing needs an even in_features"
-        return None
-    if isinstance(module, nn.Conv2d):
-        if not isinstance(config, (Int8DynamicConfig, Int8StaticConfig, QATConfig)):
-            return f"{config.method} handles Linear layers only"
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return "only groups=1, zero-padded convolutions with numeric padding are quantized"
-        return None
-    return "not a Linear or Conv2d"
-
-
 def _first_match(name: str, patterns: list[str]) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
 
@@ -65,7 +47,7 @@ def build_plan(model: nn.Module, config: Any) -> Plan:
     """Assign a config to each quantizable layer; raise naming any pattern that matches nothing."""
     plan = Plan()
     used: set[str] = set()
-    default = config.low if isinstance(config, MixedPrecisionConfig) else config
+    default = method_for(config).layer_config(config)
     names = [n for n, _ in model.named_modules() if n]
     for pattern in [*config.include, *config.overrides]:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -88,7 +70,7 @@ def build_plan(model: nn.Module, config: Any) -> Plan:
                 continue
         elif not _first_match(name, config.include):
             continue
-        reason = supports(chosen, module)
+        reason = method_for(chosen).supports(chosen, module)
         if reason is None:
             plan.layers[name] = chosen
         else:
@@ -106,9 +88,12 @@ def build_plan(model: nn.Module, config: Any) -> Plan:
 
 def _check_uniform(plan: Plan) -> None:
     """Calibration-time and training-time methods cannot be mixed in one pass."""
-    kinds = {type(c) for c in plan.layers.values() if c != EMBEDDING_CONFIG}
-    if QATConfig in kinds and len(kinds) > 1:
-        raise ConfigError("overrides", "QAT cannot be combined with post-training methods in one model")
+    methods = {layer_method(c) for c in plan.layers.values()} - {None}
+    trained = [m.name for m in methods if m.trains]
+    if trained and len(methods) > 1:
+        raise ConfigError(
+            "overrides", f"{trained[0]} cannot be combined with post-training methods in one model"
+        )
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Quantization-aware training: fake-quantized layers and the callback that swaps them in.
+"""Quantization-aware training: the fake-quantized layers (see ``methods/qat.py`` and ``callback.py``).
 
 During training each selected Linear/Conv2d computes with weights (and
 inputs) rounded to the integer grid and mapped back to float; the rounding is
@@ -16,9 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimkit.quant.affine import QSpec, fake_quantize, minmax, qparams
-from slimkit.quant.config import QATConfig
 from slimkit.quant.observers import make_observer
-from slimkit.train.callbacks import Callback
 
 ACT_SPEC = QSpec(8, False, "tensor")
 
@@ -26,7 +24,8 @@ ACT_SPEC = QSpec(8, False, "tensor")
 class _FakeQuantMixin:
     """Weight and input fake quantization shared by the Linear and Conv2d versions."""
 
-    def _setup(self, config: QATConfig) -> None:
+    def _setup(self, config: Any) -> None:
+        # ``config``: a QATConfig (weight_bits, weight_granularity, activation_bits, activation_observer, momentum)
         self.weight_spec = QSpec(config.weight_bits, True, config.weight_granularity, 0)
         self.act_observer = (
             make_observer(config.activation_observer, ACT_SPEC, momentum=config.momentum)
@@ -52,7 +51,7 @@ class _FakeQuantMixin:
 
 class QATLinear(_FakeQuantMixin, nn.Linear):
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: QATConfig) -> QATLinear:
+    def from_float(cls, linear: nn.Linear, config: Any) -> QATLinear:
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         _share_parameters(mod, linear)
         mod._setup(config)
@@ -65,7 +64,7 @@ class QATLinear(_FakeQuantMixin, nn.Linear):
 
 class QATConv2d(_FakeQuantMixin, nn.Conv2d):
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: QATConfig) -> QATConv2d:
+    def from_float(cls, conv: nn.Conv2d, config: Any) -> QATConv2d:
         mod = cls(
             conv.in_channels,
             conv.out_channels,
@@ -92,34 +91,28 @@ def _share_parameters(new: nn.Module, old: nn.Module) -> None:
     new.bias = old.bias
 
 
-def to_qat(module: nn.Module, config: QATConfig) -> nn.Module:
+def to_qat(module: nn.Module, config: Any) -> nn.Module:
     if isinstance(module, nn.Conv2d):
         return QATConv2d.from_float(module, config)
     return QATLinear.from_float(module, config)
 
 
-class QATCallback(Callback):
-    """Swap fake-quantized layers in when training starts (``prepare_``); optionally convert at the end.
-
-    Build the optimizer after the swap: the Trainer creates it in ``fit`` and the
-    swapped layers keep the very same Parameter objects, so an optimizer
-    created earlier stays valid either way.
-    """
-
-    def __init__(self, config: QATConfig | dict[str, Any], convert_at_end: bool = False):
-        from slimkit.quant.config import config_from_dict
-
-        self.config = config_from_dict({"method": "qat", **config}) if isinstance(config, dict) else config
-        self.convert_at_end = convert_at_end
-
-    def on_train_begin(self, trainer) -> None:
-        from slimkit.quant.api import is_prepared, prepare_
-
-        if not is_prepared(trainer.model):
-            prepare_(trainer.model, self.config)
-
-    def on_train_end(self, trainer) -> None:
-        if self.convert_at_end:
-            from slimkit.quant.api import convert_
-
-            convert_(trainer.model)
+def to_float(module: QATLinear | QATConv2d) -> nn.Module:
+    """The plain Linear/Conv2d with the very same parameters (undoes :func:`to_qat`)."""
+    if isinstance(module, nn.Conv2d):
+        new = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            device="meta",
+        )
+    else:
+        new = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+    new.weight, new.bias = module.weight, module.bias
+    new.train(module.training)
+    return new

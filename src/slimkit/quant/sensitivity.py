@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from slimkit.batch import first_output
-from slimkit.quant import builders
-from slimkit.quant.config import MixedPrecisionConfig, WeightOnlyConfig
+from slimkit.quant.builders import build_layer
+from slimkit.quant.method import method_for
 from slimkit.quant.plan import EMBEDDING_CONFIG, Plan, get_module, set_module
 
 
@@ -44,7 +44,7 @@ def _swap_in(model: nn.Module, names: list[str], plan: Plan, collectors: dict) -
     originals = {}
     for name in names:
         originals[name] = get_module(model, name)
-        set_module(model, name, builders.build(originals[name], plan.layers[name], collectors.get(name, {})))
+        set_module(model, name, build_layer(originals[name], plan.layers[name], collectors.get(name, {})))
     return originals
 
 
@@ -74,9 +74,7 @@ def _bytes(module: nn.Module, cfg: Any) -> float:
         return 4.0 * n
     if cfg == EMBEDDING_CONFIG:
         return n + 4.0 * module.weight.shape[0]
-    if isinstance(cfg, WeightOnlyConfig) and cfg.bits == 4:
-        return n / 2 + 8.0 * n / cfg.group_size
-    return n + 4.0 * module.weight.shape[0]
+    return method_for(cfg).weight_bytes(cfg, module)
 
 
 def estimate_size_mb(model: nn.Module, layers: dict[str, Any]) -> float:
@@ -86,7 +84,8 @@ def estimate_size_mb(model: nn.Module, layers: dict[str, Any]) -> float:
     return (rest + sum(_bytes(get_module(model, n), c) for n, c in layers.items())) / 1e6
 
 
-def choose_high_layers(model, plan, collectors, batches, forward, config: MixedPrecisionConfig, sens) -> dict:
+def choose_high_layers(model, plan, collectors, batches, forward, config: Any, sens) -> dict:
+    """``config``: the MixedPrecisionConfig (``high`` and the budgets)."""
     order = sorted((n for n in sens), key=lambda n: -sens[n])
     cap = len(order) if config.max_high_layers is None else min(config.max_high_layers, len(order))
     reference = _outputs(model, batches, forward) if config.max_error is not None else None
@@ -112,9 +111,8 @@ def choose_high_layers(model, plan, collectors, batches, forward, config: MixedP
     return {"order": order, "high": high, "trace": trace}
 
 
-def mixed_precision_plan(model: nn.Module, state: Any) -> Plan:
-    """The plan after the sensitivity analysis; the analysis is kept in ``plan.analysis``."""
-    config: MixedPrecisionConfig = state.config
+def mixed_precision_plan(model: nn.Module, config: Any, state: Any) -> Plan:
+    """The plan after the sensitivity analysis of the prepared ``state``; the analysis is in ``plan.analysis``."""
     if not state.batches:
         raise ValueError("mixed precision needs calibration batches: run calibrate first")
     plan, forward = state.plan, state.forward
@@ -129,9 +127,7 @@ def mixed_precision_plan(model: nn.Module, state: Any) -> Plan:
             layers[name] = config.high
         else:
             skipped[name] = f"mixed precision: kept in float (sensitivity {sens[name]:.3g})"
-    out = Plan(layers, skipped)
-    out.analysis = {"sensitivity": sens, **choice}  # type: ignore[attr-defined]
-    return out
+    return Plan(layers, skipped, analysis={"sensitivity": sens, **choice})
 
 
 def plot_sensitivity(

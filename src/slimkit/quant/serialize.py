@@ -19,68 +19,36 @@ from safetensors import safe_open
 from torch import nn
 
 from slimkit.errors import ModelError
-from slimkit.quant.affine import pack_int4, unpack_int4
-from slimkit.quant.modules import (
-    BF16Linear,
-    FoldedBatchNorm,
-    QuantConv2d,
-    QuantEmbedding,
-    QuantLinear,
-    WeightOnlyLinear,
-)
+from slimkit.quant.codecs import LayerCodec
+from slimkit.quant.method import layer_codecs
+from slimkit.quant.modules import FoldedBatchNorm
 from slimkit.quant.plan import get_module, set_module
 from slimkit.utils.io import load_weights_file, save_weights, state_dict_for_saving
 
 META_KEY = "slimkit_quant"
-QUANT_TYPES = (QuantLinear, QuantConv2d, WeightOnlyLinear, QuantEmbedding, BF16Linear, FoldedBatchNorm)
 
 
-def describe(module: nn.Module) -> dict[str, Any]:
-    if isinstance(module, QuantLinear):
-        return {
-            "class": "QuantLinear",
-            "in": module.in_features,
-            "out": module.out_features,
-            "mode": module.mode,
-            "granularity": module.granularity,
-            "weight_bits": module.weight_bits,
-        }
-    if isinstance(module, QuantConv2d):
-        return {
-            "class": "QuantConv2d",
-            "mode": module.mode,
-            "granularity": module.granularity,
-            "weight_bits": module.weight_bits,
-        }
-    if isinstance(module, WeightOnlyLinear):
-        return {
-            "class": "WeightOnlyLinear",
-            "in": module.in_features,
-            "out": module.out_features,
-            "bits": module.bits,
-            "group_size": module.group_size,
-        }
-    if isinstance(module, QuantEmbedding):
-        return {"class": "QuantEmbedding"}
-    if isinstance(module, FoldedBatchNorm):
-        return {"class": "FoldedBatchNorm"}
-    return {"class": "BF16Linear"}
+def _codec_of(module: nn.Module, codecs: dict[type, LayerCodec]) -> LayerCodec | None:
+    return next((codecs[cls] for cls in type(module).__mro__ if cls in codecs), None)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, LayerCodec]]:
+    """``{name: (layer, codec)}`` for every layer of ``model`` that a registered codec saves."""
+    codecs = {codec.cls: codec for codec in layer_codecs()}
+    found = {name: (m, _codec_of(m, codecs)) for name, m in model.named_modules()}
+    return {name: (m, codec) for name, (m, codec) in found.items() if codec is not None}
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> int:
     """Write ``model`` (after ``convert_``) to ``path`` (.safetensors); returns the file size in bytes."""
-    layers = {n: describe(m) for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
-    if all(info["class"] == "FoldedBatchNorm" for info in layers.values()):
+    found = quantized_layers(model)
+    if all(codec.cls is FoldedBatchNorm for _, codec in found.values()):
         raise ModelError(f"{type(model).__name__} has no quantized layer to save (run quantize_ first)")
+    layers = {name: {"class": codec.name, **codec.describe(m)} for name, (m, codec) in found.items()}
     state = state_dict_for_saving(model)
-    for name, info in layers.items():
-        if info.get("weight_bits") == 4:
-            codes = state.pop(f"{name}.qweight")
-            info["shape"] = list(codes.shape)
-            flat = codes.reshape(-1)
-            if flat.numel() % 2:  # two codes per byte: pad an odd count with one zero code
-                flat = torch.cat([flat, flat.new_zeros(1)])
-            state[f"{name}.qweight_int4"] = pack_int4(flat).contiguous()
+    for name, (_, codec) in found.items():
+        if codec.pack is not None:
+            codec.pack(state, name, layers[name])
     return save_weights(state, path, metadata={META_KEY: json.dumps(layers)})
 
 
@@ -96,44 +64,40 @@ def read_layers(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def _rebuild(
-    float_module: nn.Module, info: dict[str, Any], state: dict[str, torch.Tensor], name: str
+    float_module: nn.Module,
+    info: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    name: str,
+    codec: LayerCodec,
 ) -> nn.Module:
-    kind = info["class"]
-    if kind == "QuantLinear":
-        mod = QuantLinear(info["in"], info["out"], info["mode"], info["granularity"])
-        mod.weight_bits = info["weight_bits"]
-    elif kind == "QuantConv2d":
-        mod = QuantConv2d(float_module, info["mode"], info["granularity"])
-        mod.weight_bits = info["weight_bits"]
-    elif kind == "WeightOnlyLinear":
-        mod = WeightOnlyLinear(info["in"], info["out"], info["bits"], info["group_size"])
-    elif kind == "QuantEmbedding":
-        mod = QuantEmbedding(
-            float_module.num_embeddings, float_module.embedding_dim, float_module.padding_idx
-        )
-    elif kind == "BF16Linear":
-        mod = BF16Linear.from_float(float_module)
-    elif kind == "FoldedBatchNorm":
-        mod = FoldedBatchNorm()
-    else:
-        raise ModelError(f"{name}: unknown quantized layer class {kind!r}")
+    mod = codec.rebuild(float_module, info)
     for buffer in ("bias_value", "in_scale"):
         if f"{name}.{buffer}" in state and getattr(mod, buffer, None) is None:
             mod.register_buffer(buffer, torch.zeros_like(state[f"{name}.{buffer}"]))
     return mod
 
 
+def _codecs_for(layers: dict[str, dict[str, Any]]) -> dict[str, LayerCodec]:
+    by_name = {codec.name: codec for codec in layer_codecs()}
+    for name, info in layers.items():
+        if info["class"] not in by_name:
+            raise ModelError(f"{name}: unknown quantized layer class {info['class']!r}")
+    return {name: by_name[info["class"]] for name, info in layers.items()}
+
+
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild the quantized layers recorded in ``path`` on ``model`` (float, same architecture) and load."""
     layers = read_layers(path)
+    codecs = _codecs_for(layers)
     state = load_weights_file(path)
     for name, info in layers.items():
-        if info.get("weight_bits") == 4 and f"{name}.qweight_int4" in state:
-            shape = info["shape"]
-            codes = unpack_int4(state.pop(f"{name}.qweight_int4"))
-            state[f"{name}.qweight"] = codes[: shape[0] * shape[1]].reshape(shape)
+        if codecs[name].unpack is not None:
+            codecs[name].unpack(state, name, info)
     try:
-        new = {name: _rebuild(get_module(model, name), info, state, name) for name, info in layers.items()}
+        new = {
+            name: _rebuild(get_module(model, name), info, state, name, codecs[name])
+            for name, info in layers.items()
+        }
     except AttributeError as err:
         raise ModelError(f"{path} does not fit {type(model).__name__}: {err}") from None
     for name, module in new.items():

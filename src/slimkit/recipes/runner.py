@@ -13,7 +13,8 @@ import copy
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,29 @@ from slimkit.errors import ConfigError
 from slimkit.metrics.model import count_macs, count_nonzero, count_parameters, peak_memory
 from slimkit.metrics.speed import compare_latency
 from slimkit.models.loading import load_model
-from slimkit.recipes.context import RunContext
-from slimkit.recipes.registry import step_type
 from slimkit.recipes.schema import Recipe
+from slimkit.recipes.steps import RunContext, StepResult, step_type
+from slimkit.recipes.steps.base import Saver
 from slimkit.report import Report
 from slimkit.tasks import TaskAdapter, build_task
 from slimkit.train import distributed
-from slimkit.utils.io import atomic_path
+from slimkit.utils.io import atomic_path, save_weights
+
+
+@dataclass
+class _Current:
+    """The run's state between steps; only the runner changes it, from each step's :class:`StepResult`."""
+
+    model: torch.nn.Module
+    saver: Saver = save_weights
+    weights_name: str = "model.safetensors"
+
+    def apply(self, result: StepResult) -> None:
+        if not isinstance(result, StepResult):
+            raise TypeError(f"a recipe step must return a StepResult, got {type(result).__name__}")
+        self.model = result.model
+        self.saver = result.saver or self.saver
+        self.weights_name = result.weights_name or self.weights_name
 
 
 @dataclass
@@ -68,55 +85,58 @@ def _run_into(recipe: Recipe, out: Path, progress: bool) -> Path:
 def _run(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool) -> None:
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    data = load_data(recipe.data, prefix="data")
-    log.info(
-        "data %s: %s",
-        data.name,
-        {
-            k: len(v)
-            for k, v in (("train", data.train), ("val", data.val), ("test", data.test))
-            if v is not None
-        },
-    )
-    model, tokenizer = load_model(recipe.model, num_classes=data.num_classes, input_shape=data.input_shape)
-    task = build_task(data, tokenizer, max_length=recipe.measure.max_length)
-    ctx = RunContext(
-        model=model,
-        data=data,
-        task=task,
-        run_dir=run_dir,
-        log=log,
-        tokenizer=tokenizer,
-        progress=progress,
-        seed=recipe.seed,
-    )
+    base = _start(recipe, run_dir, log, progress)
+    task, data = base.task, base.data
+    current = _Current(base.model)
     example = task.example_batch(data.test, recipe.measure.batch_size)
     snapshots = []
     for i, step in enumerate(recipe.steps):
         log.info("step %d/%d: %s (%s)", i + 1, len(recipe.steps), step.name, step.type)
         t0 = time.perf_counter()
-        ctx.notes = {}
         try:
-            step_type(step.type, f"steps[{i}].type").run(ctx, step.config)
+            result = step_type(step.type, f"steps[{i}].type").run(
+                replace(base, model=current.model), step.config
+            )
         except ConfigError as err:  # a setting that only the data or model could rule out
             raise err.prefixed(f"steps[{i}]") from None
-        snapshot = _measure(ctx, step.name, example, recipe)
+        current.apply(result)
+        snapshot = _measure(current, base, step.name, example, result.notes)
         snapshot.figures["step_time_s"] = round(time.perf_counter() - t0, 2)
         snapshots.append(snapshot)
         log.info("  %s", {k: v for k, v in snapshot.figures.items() if k != "extra"})
     _time_all(snapshots, example, task, recipe, log)
-    report = _report(snapshots, task)
-    report.save(run_dir)
-    ctx.saver(ctx.model, run_dir / ctx.weights_name)
+    _report(snapshots, task).save(run_dir)
+    current.saver(current.model, run_dir / current.weights_name)
     resolved = dict(recipe.to_dict(), output=str(Path(recipe.output)))
     (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     log.info("done in %.1f s: %s", time.perf_counter() - started, recipe.output)
 
 
-def _measure(ctx: RunContext, step: str, example: Any, recipe: Recipe) -> Snapshot:
-    model = ctx.model
+def _start(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool) -> RunContext:
+    """Data, model and task: what every step's context holds (the model is replaced step by step)."""
+    data = load_data(recipe.data, prefix="data")
+    splits = (("train", data.train), ("val", data.val), ("test", data.test))
+    log.info("data %s: %s", data.name, {k: len(v) for k, v in splits if v is not None})
+    model, tokenizer = load_model(recipe.model, num_classes=data.num_classes, input_shape=data.input_shape)
+    return RunContext(
+        model=model,
+        data=data,
+        task=build_task(data, tokenizer, max_length=recipe.measure.max_length),
+        run_dir=run_dir,
+        log=log,
+        measure=recipe.measure,
+        tokenizer=tokenizer,
+        seed=recipe.seed,
+        progress=progress,
+    )
+
+
+def _measure(
+    current: _Current, ctx: RunContext, step: str, example: Any, notes: Mapping[str, Any]
+) -> Snapshot:
+    model = current.model
     metrics = ctx.task.evaluate(model, ctx.data.test)
-    size = _saved_size(ctx)
+    size = _saved_size(current, ctx.run_dir)
     with torch.inference_mode():
         peak = peak_memory(lambda: ctx.task.call(model, example)).peak_bytes
     figures = {
@@ -124,28 +144,28 @@ def _measure(ctx: RunContext, step: str, example: Any, recipe: Recipe) -> Snapsh
         "size_bytes": size,
         "params": count_parameters(model),
         "nonzero": count_nonzero(model),
-        "macs": _macs(model, example, ctx),
-        "extra": {**ctx.notes, "peak_inference_mem_bytes": peak},
+        "macs": _macs(model, example, ctx.log),
+        "extra": {**notes, "peak_inference_mem_bytes": peak},
     }
-    frozen = copy.deepcopy(model).eval() if recipe.measure.latency else None
+    frozen = copy.deepcopy(model).eval() if ctx.measure.latency else None
     return Snapshot(step, figures, frozen)
 
 
-def _saved_size(ctx: RunContext) -> int:
-    path = ctx.run_dir / ".size-probe" / ctx.weights_name
+def _saved_size(current: _Current, run_dir: Path) -> int:
+    path = run_dir / ".size-probe" / current.weights_name
     path.parent.mkdir(exist_ok=True)
     try:
-        return ctx.saver(ctx.model, path)
+        return current.saver(current.model, path)
     finally:
         path.unlink(missing_ok=True)
         path.parent.rmdir()
 
 
-def _macs(model: torch.nn.Module, example: Any, ctx: RunContext) -> int | None:
+def _macs(model: torch.nn.Module, example: Any, log: logging.Logger) -> int | None:
     try:
         return count_macs(model, example)
     except Exception as err:  # a model whose ops the counter cannot see still gets a row
-        ctx.log.warning("MACs not counted: %s", err)
+        log.warning("MACs not counted: %s", err)
         return None
 
 

@@ -2,51 +2,39 @@
 
 ``load_recipe`` validates the whole file before any work starts, so a typo in
 the last step is reported in a second, not after an hour of training. Errors
-carry the field's path in the recipe: ``steps[2].epochs: must be a positive
-integer``.
+carry the field's path in the recipe: ``steps[2].train.epochs: must be a
+positive integer``. ``check_paths=False`` checks structure and types only
+(the data files need not exist: shipped recipes are checked that way anywhere).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from slimkit.config import from_dict, positive_int, require, to_dict
-from slimkit.data.registry import DataConfig
+from slimkit.config import from_dict, require, to_dict
+from slimkit.data.registry import FILE_PATHS, DataConfig, path_problem
 from slimkit.errors import ConfigError
 from slimkit.models.loading import ModelConfig
-from slimkit.recipes.registry import step_type
+from slimkit.recipes.measure import MeasureConfig
+from slimkit.recipes.steps import step_type
+
+__all__ = ["MeasureConfig", "Recipe", "Step", "apply_overrides", "load_recipe", "parse_recipe"]
 
 
-@dataclass
-class MeasureConfig:
-    """How every step is measured for the report."""
-
-    batch_size: int = 64  # latency and MACs are measured on one batch of this size
-    threads: int = 2
-    warmup: int = 3
-    repeats: int = 20
-    latency: bool = True
-    max_length: int = 128  # text: tokens per sequence
-
-    def __post_init__(self):
-        for name in ("batch_size", "threads", "repeats", "max_length"):
-            positive_int(getattr(self, name), name)
-        require(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "must be an integer >= 0")
-
-
-@dataclass
+@dataclass(frozen=True)
 class Step:
     type: str
     name: str
-    config: Any
+    config: Any  # the step type's frozen config
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
     model: ModelConfig
     data: DataConfig
@@ -58,16 +46,22 @@ class Recipe:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
 
     def to_dict(self) -> dict:
+        """What the user wrote plus every default, in the shape :func:`parse_recipe` reads back."""
         out = to_dict(self)
-        out["steps"] = [{"type": s.type, "name": s.name, **to_dict(s.config)} for s in self.steps]
+        out["steps"] = [
+            {"type": s.type, "name": s.name, **step_type(s.type, "type").dump(s.config)} for s in self.steps
+        ]
         return out
 
 
 _TOP = ("name", "seed", "model", "data", "steps", "measure", "output", "overwrite")
 
 
-def parse_recipe(raw: Any) -> Recipe:
-    """Validate plain recipe data. Relative paths are taken from the current folder, as in any CLI."""
+def parse_recipe(raw: Any, check_paths: bool = True) -> Recipe:
+    """Validate plain recipe data. Relative paths are taken from the current folder, as in any CLI.
+
+    ``check_paths=False`` skips the checks that data files exist (structure and types are still checked).
+    """
     require(isinstance(raw, dict), "", "a recipe must be a YAML mapping")
     unknown = [k for k in raw if k not in _TOP]
     require(
@@ -77,21 +71,22 @@ def parse_recipe(raw: Any) -> Recipe:
         require(key in raw, key, "is required")
     model = from_dict(ModelConfig, raw["model"], "model")
     data = from_dict(DataConfig, raw["data"], "data")
-    _check_data_paths(data)
+    if check_paths:
+        data = _checked_data_paths(data)
     steps = _parse_steps(raw["steps"])
     output = raw["output"]
     require(isinstance(output, str) and output.strip() != "", "output", "must be a folder path")
-    recipe = Recipe(
-        model=model,
-        data=data,
-        steps=steps,
-        output=output,
-        **{k: raw[k] for k in ("name", "seed", "overwrite") if k in raw},
+    options = {k: raw[k] for k in ("name", "seed", "overwrite") if k in raw}
+    seed, overwrite, name = (
+        options.get("seed", 0),
+        options.get("overwrite", False),
+        options.get("name", "run"),
     )
-    require(isinstance(recipe.seed, int) and not isinstance(recipe.seed, bool), "seed", "must be an integer")
-    require(isinstance(recipe.overwrite, bool), "overwrite", "must be true or false")
-    require(isinstance(recipe.name, str), "name", "must be a string")
-    recipe.measure = from_dict(MeasureConfig, raw.get("measure", {}), "measure")
+    require(isinstance(seed, int) and not isinstance(seed, bool), "seed", "must be an integer")
+    require(isinstance(overwrite, bool), "overwrite", "must be true or false")
+    require(isinstance(name, str), "name", "must be a string")
+    measure = from_dict(MeasureConfig, raw.get("measure", {}), "measure")
+    recipe = Recipe(model, data, steps, output, name=name, seed=seed, overwrite=overwrite, measure=measure)
     _check_output(recipe)
     return recipe
 
@@ -114,7 +109,7 @@ def _parse_steps(raw: Any) -> list[Step]:
         require(
             not kind.last_only or i == len(raw) - 1, f"{path}.type", f"{entry['type']} must be the last step"
         )
-        steps.append(Step(entry["type"], name, from_dict(kind.config, body, path)))
+        steps.append(Step(entry["type"], name, kind.parse(body, path)))
         kinds.append(kind)
     for i, kind in enumerate(kinds):
         if kind.check_before is not None:
@@ -122,16 +117,16 @@ def _parse_steps(raw: Any) -> list[Step]:
     return steps
 
 
-def _check_data_paths(data: DataConfig) -> None:
-    from slimkit.data.registry import FILE_PATHS, path_problem
-
+def _checked_data_paths(data: DataConfig) -> DataConfig:
+    found = {}
     for key, is_file in (("path", data.name in FILE_PATHS), ("test_path", True), ("val_path", True)):
         value = getattr(data, key)
         if value:
             full = Path(value).expanduser()
             problem = path_problem(full, is_file)
             require(problem is None, f"data.{key}", problem or "")
-            setattr(data, key, str(full))
+            found[key] = str(full)
+    return dataclasses.replace(data, **found) if found else data
 
 
 def _check_output(recipe: Recipe) -> None:
@@ -142,7 +137,7 @@ def _check_output(recipe: Recipe) -> None:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``steps.0.epochs=3`` / ``steps[0].epochs=3`` / ``output=runs/x``; values are parsed as YAML."""
+    """``steps.0.train.epochs=3`` / ``steps[0].train.epochs=3`` / ``output=runs/x``; values are parsed as YAML."""
     raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -171,7 +166,8 @@ def _index(node: list, part: str, path: str) -> int:
     return int(part)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
+    """Read, override (``steps.0.train.epochs=3``) and validate a recipe file; see :func:`parse_recipe`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("recipe", f"file not found: {path}")
@@ -179,4 +175,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError("recipe", f"{path} is not valid YAML ({err})") from None
-    return parse_recipe(apply_overrides(raw or {}, overrides or []))
+    return parse_recipe(apply_overrides(raw or {}, overrides or []), check_paths=check_paths)

@@ -9,12 +9,13 @@ optimizer, state) and may read or change it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from slimkit.train.trainer import Trainer
+# The hooks receive the Trainer; it is not imported here because trainer.py imports this
+# module (a typing-only import back would still be an import cycle).
+Trainer = Any
 
 
 class Callback:

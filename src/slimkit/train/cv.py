@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import KFold, StratifiedKFold
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -39,6 +38,10 @@ def cross_validate(
     """
     require(isinstance(k, int) and k >= 2, "k", "must be an integer >= 2")
     require(len(dataset) >= k, "k", f"is larger than the data set ({len(dataset)} samples)")
+    # Imported here: scikit-learn (and the scipy it loads) is only needed for k-fold splits,
+    # not by everything that imports the training core.
+    from sklearn.model_selection import KFold, StratifiedKFold
+
     idx = np.arange(len(dataset))
     if labels is not None:
         splits = StratifiedKFold(k, shuffle=True, random_state=config.seed).split(idx, labels)

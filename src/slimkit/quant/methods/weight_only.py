@@ -1,0 +1,106 @@
+"""weight_only: int8 (per channel) or int4 (per group) weights, float activations; RTN or GPTQ."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from slimkit.config import non_negative, one_of, positive_int, require
+from slimkit.quant.affine import QSpec, quantize_tensor
+from slimkit.quant.base import QuantConfig
+from slimkit.quant.builders import weight_2d
+from slimkit.quant.codecs import Info, LayerCodec
+from slimkit.quant.gptq import HessianAccumulator, gptq_quantize
+from slimkit.quant.method import QuantMethod, register_method
+from slimkit.quant.modules import WeightOnlyLinear
+
+
+@dataclass
+class WeightOnlyConfig(QuantConfig):
+    """Weights in ``bits`` (8: per channel; 4: per group), activations stay float.
+
+    ``group_size``: 32, 64 or 128 for 4 bits (null means 128); null for 8 bits.
+
+    ``algorithm``: ``rtn`` (round to nearest) or ``gptq`` (Hessian-based error
+    compensation on calibration data, Frantar et al. 2022).
+    """
+
+    bits: int = 4
+    group_size: int | None = None
+    algorithm: str = "rtn"
+    symmetric: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_of(self.bits, "bits", (4, 8))
+        one_of(self.algorithm, "algorithm", ("rtn", "gptq"))
+        non_negative(self.damp, "damp")
+        positive_int(self.block_size, "block_size")
+        if self.bits == 4:
+            self.group_size = 128 if self.group_size is None else self.group_size
+            one_of(self.group_size, "group_size", (32, 64, 128))
+        else:
+            # The int8 weight-only kernel (aten._weight_int8pack_mm) takes one scale per output channel.
+            require(self.group_size is None, "group_size", "must be null for 8 bits (per-channel scales)")
+            require(
+                self.symmetric, "symmetric", "8-bit weight-only is symmetric (the kernel takes no zero point)"
+            )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.algorithm == "gptq"
+
+
+def _describe(module: WeightOnlyLinear) -> Info:
+    return {
+        "in": module.in_features,
+        "out": module.out_features,
+        "bits": module.bits,
+        "group_size": module.group_size,
+    }
+
+
+def _rebuild(float_module: nn.Module, info: Info) -> nn.Module:
+    return WeightOnlyLinear(info["in"], info["out"], info["bits"], info["group_size"])
+
+
+class WeightOnly(QuantMethod):
+    name = "weight_only"
+    config_type = WeightOnlyConfig
+    codecs = (LayerCodec(WeightOnlyLinear, _rebuild, _describe),)
+
+    def supports(self, config: WeightOnlyConfig, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Linear) and config.bits == 4:
+            if module.in_features % config.group_size:
+                return f"in_features {module.in_features} is not a multiple of group_size {config.group_size}"
+            if module.in_features % 2:
+                return "int4 packing needs an even in_features"
+        return super().supports(config, module)
+
+    def collectors(self, config: WeightOnlyConfig, module: nn.Module) -> dict[str, Any]:
+        return {"hessian": HessianAccumulator(module.in_features)} if config.algorithm == "gptq" else {}
+
+    def build(self, config: WeightOnlyConfig, module: nn.Module, collectors: dict[str, Any]) -> nn.Module:
+        w2d = weight_2d(module)
+        if config.bits == 8:
+            spec = QSpec(8, True, "channel", 0)
+        else:
+            spec = QSpec(4, config.symmetric, "group", 0, config.group_size)
+        if "hessian" in collectors:
+            q, scale, zero = gptq_quantize(w2d, collectors["hessian"].h, spec, config.damp, config.block_size)
+        else:
+            q, scale, zero = quantize_tensor(w2d, spec)
+        return WeightOnlyLinear.from_float(module, q, scale, zero, config.bits, config.group_size)
+
+    def weight_bytes(self, config: WeightOnlyConfig, module: nn.Module) -> float:
+        if config.bits == 4:
+            n = module.weight.numel()
+            return n / 2 + 8.0 * n / config.group_size
+        return super().weight_bytes(config, module)
+
+
+METHOD = register_method(WeightOnly())

@@ -1,0 +1,105 @@
+"""The ``export`` step: from here on the model runs in ONNX Runtime. It must be the last step.
+
+YAML (the runtime is the key; ``onnxruntime`` is the only one so far and the default)::
+
+    - type: export
+      onnxruntime: {threads: 2, example_samples: 8}
+
+The step exports the current model (float or slimkit-quantized; dynamic int8
+layers become ONNX Runtime's int8 MatMuls, attention its fused kernel, see
+:mod:`slimkit.export.onnx`) and replaces it by an ``OrtModule``, so the
+report's row is measured on ONNX Runtime: task metrics, file size (the
+``.onnx`` file), latency beside every earlier step. A ``quantize`` step before
+it whose layers ONNX Runtime cannot run fails the recipe's validation, before
+any step runs, naming that step's field (``steps[1].int8_dynamic.activation_granularity``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from slimkit.batch import model_inputs
+from slimkit.config import positive_int
+from slimkit.errors import ConfigError
+from slimkit.quant import onnx_problem
+from slimkit.recipes.steps.base import RunContext, StepResult, moved_under, register_step
+from slimkit.utils.io import atomic_path
+
+ONNX_NAME = "model.onnx"
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeExport:
+    threads: int = 2  # the session's intra-op threads
+    example_samples: int = 8  # train samples traced for export (text: with padding, see with_padding)
+
+    def __post_init__(self):
+        positive_int(self.threads, "threads")
+        positive_int(self.example_samples, "example_samples")
+
+
+@dataclass(frozen=True)
+class ExportStep:
+    onnxruntime: OnnxRuntimeExport = field(default_factory=OnnxRuntimeExport)
+
+    MOVED: ClassVar[dict[str, str]] = {
+        "runtime": "write the runtime as a key, e.g. 'onnxruntime: {threads: 2}'",
+        **moved_under("onnxruntime", ["threads", "example_samples"], "ONNX Runtime settings"),
+    }
+
+
+def check_quantize_steps(earlier: list, path: str) -> None:
+    """Fail at validation, not after hours of earlier steps, when a quantize step cannot be exported."""
+    for i, step in enumerate(earlier):
+        quant = getattr(step.config, "quant", None) if step.type == "quantize" else None
+        if quant is not None and (found := onnx_problem(quant)):
+            where, why = found
+            # "method" is the whole method: in a recipe that is the key naming it.
+            key = quant.method if where in ("", "method") else f"{quant.method}.{where}"
+            raise ConfigError(f"steps[{i}].{key}", f"{why} ({path} exports to onnxruntime)")
+
+
+def export_example(ctx: RunContext, samples: int) -> dict[str, torch.Tensor]:
+    """Model inputs from the train split, by keyword, with padding in them (text) so masking is traced."""
+    from slimkit.export.onnx import with_padding
+
+    batch = ctx.calibration_batches(samples, samples)[0]
+    if isinstance(batch, dict):
+        return with_padding(model_inputs(batch))
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    name = next(iter(inspect.signature(ctx.model.forward).parameters))  # export passes inputs by keyword
+    return {name: x}
+
+
+def save_onnx(model: Any, path: Path) -> int:
+    """Write the exported model's ``.onnx`` file to ``path`` (the run's saver); returns bytes."""
+    path = Path(path)
+    if path.resolve() != model.path.resolve():
+        with atomic_path(path) as tmp:
+            shutil.copyfile(model.path, tmp)
+    return path.stat().st_size
+
+
+@register_step(
+    "export",
+    config=ExportStep,
+    doc="export to ONNX Runtime (int8 kernels, fused attention); must be the last step",
+    last_only=True,
+    check_before=check_quantize_steps,
+)
+def run_export(ctx: RunContext, cfg: ExportStep) -> StepResult:
+    from slimkit.export.onnx import to_onnxruntime  # onnx/onnxruntime load only when a recipe exports
+
+    settings = cfg.onnxruntime
+    example = export_example(ctx, settings.example_samples)
+    path = ctx.run_dir / ONNX_NAME
+    model = to_onnxruntime(ctx.model, example, path, threads=settings.threads)
+    ctx.log.info("export: %s, %d bytes", path.name, path.stat().st_size)
+    notes = {"runtime": "onnxruntime", "onnx_file": ONNX_NAME}
+    return StepResult(model, saver=save_onnx, weights_name=ONNX_NAME, notes=notes)

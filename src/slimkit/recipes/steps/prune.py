@@ -1,0 +1,118 @@
+"""The ``prune`` step: one pruning method, with optional recovery training.
+
+YAML (exactly one of ``magnitude``, ``gradual``, ``structured``)::
+
+    - type: prune
+      structured: {ratio: 0.5, importance: taylor}
+      calibration_samples: 256      # structured: train samples for data-driven importance
+      train: {epochs: 6, lr: 0.002}  # recovery training after pruning
+
+    - type: prune
+      gradual: {final_sparsity: 0.7, end_step: 80, frequency: 10}
+      train: {epochs: 8, lr: 0.001}  # gradual pruning happens during this training
+
+Unstructured results (magnitude, gradual) are finalised and stored in the
+sparse format, so the report's size column is the sparse file; structured
+results store their new shapes with the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from slimkit.config import positive_int, require, to_dict
+from slimkit.prune import (
+    GradualConfig,
+    MagnitudeConfig,
+    StructuredConfig,
+    finalize_,
+    prune_,
+    save_pruned,
+    save_sparse,
+)
+from slimkit.recipes.steps.base import TRAIN_MOVED, RunContext, StepResult, register_step, under
+from slimkit.train import TrainConfig
+
+METHODS = ("magnitude", "gradual", "structured")
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    magnitude: MagnitudeConfig | None = None
+    gradual: GradualConfig | None = None
+    structured: StructuredConfig | None = None
+    train: TrainConfig | None = None  # recovery training after (gradual: during) pruning
+    calibration_samples: int = 256  # structured: samples from the train split for data-driven importance
+
+    MOVED: ClassVar[dict[str, str]] = {"finetune": TRAIN_MOVED}
+
+    def __post_init__(self):
+        given = [k for k in METHODS if getattr(self, k) is not None]
+        require(
+            len(given) == 1,
+            given[-1] if given else "magnitude",
+            "give exactly one of magnitude, gradual or structured",
+        )
+        require(
+            self.gradual is None or self.train is not None,
+            "train",
+            "gradual pruning happens while training: give train settings",
+        )
+        positive_int(self.calibration_samples, "calibration_samples")
+
+    def to_yaml(self) -> dict[str, Any]:
+        """The method given, under its key (the two left out are not written as nulls)."""
+        return {k: v for k, v in to_dict(self).items() if k not in METHODS or v is not None}
+
+    @property
+    def method(self) -> str:
+        return next(k for k in METHODS if getattr(self, k) is not None)
+
+
+@register_step(
+    "prune", config=PruneStep, doc="magnitude, gradual or structured pruning, with optional recovery training"
+)
+def run_prune(ctx: RunContext, cfg: PruneStep) -> StepResult:
+    return _structured(ctx, cfg) if cfg.structured is not None else _unstructured(ctx, cfg)
+
+
+def _unstructured(ctx: RunContext, cfg: PruneStep) -> StepResult:
+    model = ctx.model
+    with under(cfg.method):
+        summary = prune_(model, cfg.gradual or cfg.magnitude)
+    if cfg.train is not None:
+        ctx.train(model, cfg.train, callbacks=[summary.callback])
+    else:
+        summary.masks.apply_(model)
+    masks = summary.callback.masks  # gradual: the masks as the schedule left them
+    notes = {
+        "sparsity": round(masks.sparsity(), 4),
+        "layer_sparsity": {k: round(v, 4) for k, v in masks.layer_sparsity().items()},
+    }
+    ctx.log.info("prune: %.1f%% of the selected weights are zero", 100 * masks.sparsity())
+    finalize_(model, masks)  # the masks are folded in (and cleared): the zeros are now the weights
+    return StepResult(model, saver=save_sparse, notes=notes)
+
+
+def _structured(ctx: RunContext, cfg: PruneStep) -> StepResult:
+    model, task = ctx.model, ctx.task
+    calibration = ctx.calibration_batches(cfg.calibration_samples)
+    with under("structured"):
+        summary = prune_(
+            model,
+            cfg.structured,
+            calibration=calibration,
+            forward=task.forward,
+            loss_fn=lambda m, b: task.loss_fn(task.forward(m, b), b),
+        )
+    if cfg.train is not None:
+        ctx.train(model, cfg.train)
+    notes: dict[str, Any] = {
+        "params_before": summary.params_before,
+        "params_after": summary.params_after,
+        "groups_pruned": len(summary.groups),
+        "groups_skipped": len(summary.skipped),
+    }
+    ctx.log.info("prune (structured):\n%s", summary.table())
+    return StepResult(model, saver=save_pruned, notes=notes)
