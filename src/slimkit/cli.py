@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output", default="runs/demo", help="run folder to write (default: runs/demo)")
     demo.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. steps.0.epochs=3"
+        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. steps.0.train.epochs=3"
     )
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log on the console")
     run = sub.add_parser(
@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("recipe", help="recipe file (YAML)")
     run.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. steps.0.lr=0.01 output=runs/x"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides, e.g. steps.0.train.lr=0.01 output=runs/x",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log on the console")
     val = sub.add_parser(

@@ -79,6 +79,8 @@ class WeightOnly(QuantMethod):
                 return f"in_features {module.in_features} is not a multiple of group_size {config.group_size}"
             if module.in_features % 2:
                 return "int4 packing needs an even in_features"
+            if module.out_features % 16:  # the int4 kernel's packed layout tiles 16 output rows
+                return f"out_features {module.out_features} is not a multiple of 16 (int4 kernel tiles)"
         return super().supports(config, module)
 
     def collectors(self, config: WeightOnlyConfig, module: nn.Module) -> dict[str, Any]:
