@@ -217,14 +217,19 @@ def test_cli_run_end_to_end_checks_report_numbers(tmp_path, capsys):
     assert "train" in capsys.readouterr().out
 
 
-def test_failed_run_leaves_no_output(tmp_path, capsys):
-    recipe = _tiny(tmp_path)
-    recipe["steps"][0]["train"]["monitor"] = "val_no_such_metric"
-    path = _write(tmp_path, recipe)
-    with pytest.raises(KeyError):
-        main(["run", str(path), "--quiet"])
+def test_failed_run_leaves_no_output(tmp_path, capsys, monkeypatch):
+    from slimkit.recipes import runner
+
+    def broken(*args):  # fails after every step ran, with the temporary run folder full
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(runner, "_report", broken)
+    path = _write(tmp_path, _tiny(tmp_path))
+    assert main(["run", str(path), "--quiet"]) == 1
+    assert "internal error: RuntimeError: report failed" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+    # only the state that --resume goes on from (.run.partial): no temp folder, no lock
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] in ([], [".run.partial"])
 
 
 def test_resolved_recipe_is_what_was_written_plus_defaults_with_or_without_quiet(tmp_path):

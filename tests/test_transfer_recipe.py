@@ -124,6 +124,18 @@ def test_multitask_step_trec_coarse_and_fine(tmp_path, tiny_folder, data_dir, ca
             [{"type": "finetune", "finetune": {"lora": {"target_modules": []}}}],
             "steps[0].finetune.lora.target_modules: must be",
         ),
+        (  # matched against the encoder built from its config.json (no weights read)
+            [
+                {
+                    "type": "finetune",
+                    "finetune": {
+                        "strategy": "lora",
+                        "lora": {"target_modules": ["*.query", "*.no_such_layer"]},
+                    },
+                }
+            ],
+            "steps[0].finetune.lora.target_modules[1]: pattern '*.no_such_layer' matches no Linear layer",
+        ),
     ],
 )
 def test_bad_steps_are_caught_at_validation(tmp_path, tiny_folder, data_dir, capsys, steps, expected):
@@ -136,10 +148,6 @@ def test_bad_steps_are_caught_at_validation(tmp_path, tiny_folder, data_dir, cap
 @pytest.mark.parametrize(
     "step,expected",
     [
-        (
-            {"lora": {"target_modules": ["*.query", "*.no_such_layer"]}},
-            "steps[0].finetune.lora.target_modules[1]: pattern",
-        ),
         (
             {"head": {"num_labels": 3}},
             "steps[0].finetune.head.num_labels: the head has 3 outputs but sst2 has 2 classes",

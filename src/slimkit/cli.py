@@ -1,16 +1,37 @@
-"""The ``slimkit`` command: parses arguments and calls the library, nothing more."""
+"""The ``slimkit`` command: parses arguments and calls the library, nothing more.
+
+Exit codes: 0 done; 1 the work failed (or a bug in slimkit); 2 bad input (a recipe, an override,
+a data or model file, an output folder, a run in progress); 3 a search found nothing within its
+floor; 130 Ctrl-C; 141 the reader of the output went away (``| head``); 143 SIGTERM. An error is
+one short line, ``slimkit: <kind>: <what>``; ``--debug`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 from slimkit.errors import ConfigError, SlimkitError
 
+EXIT_WORK = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+EXIT_TERMINATED = 143
+_MAX_MESSAGE = 2000  # characters: an error never floods the terminal
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (the run folder's cleanup) runs."""
 
 
 def shipped_recipe(name: str) -> Path:
@@ -22,9 +43,51 @@ def shipped_recipe(name: str) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimkit", description="Make trained PyTorch models smaller and faster.")
+    p.add_argument("--debug", action="store_true", help="print the traceback of any error")
+    # --debug is accepted after the command too; SUPPRESS keeps the top-level value when it is not given.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_commands(sub, common)
+    rep = sub.add_parser(
+        "report",
+        parents=[common],
+        help="print the report of a finished run",
+        description="Print a run folder's report table (add --markdown or --json).",
+    )
+    rep.add_argument("run_dir")
+    fmt = rep.add_mutually_exclusive_group()
+    fmt.add_argument("--markdown", action="store_true")
+    fmt.add_argument("--json", action="store_true")
+    clean = sub.add_parser(
+        "cleanup",
+        parents=[common],
+        help="repair what an interrupted run left behind",
+        description="Put back a run folder that an interrupted run was replacing and remove the "
+        "temporary folders of interrupted runs. Runs in progress are left alone.",
+    )
+    clean.add_argument("folder", help="a run's output folder, or the folder holding run folders")
+    gen = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="print text from a finished run's language model",
+        description="Greedy continuation (KV cache) of PROMPT by the final model of a run folder.",
+    )
+    gen.add_argument("run_dir")
+    gen.add_argument("prompt")
+    gen.add_argument("--step", help="the step whose model to use (only the last step's model is saved)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (default: 64)")
+    return p
+
+
+TRUST_HELP = "allow the recipe's model factory to import and run its Python module (trust the recipe)"
+
+
+def _add_run_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    quiet = {"action": "store_true", "help": "no progress bars or log on the console"}
     demo = sub.add_parser(
         "demo",
+        parents=[common],
         help="train, compress and measure the built-in digits model (about 1-2 min)",
         description="Run the shipped demo recipe on scikit-learn's digits (no files needed).",
     )
@@ -32,9 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. steps.0.train.epochs=3"
     )
-    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log on the console")
+    demo.add_argument("-q", "--quiet", **quiet)
     run = sub.add_parser(
-        "run", help="run a recipe", description="Run a YAML recipe and write its run folder."
+        "run",
+        parents=[common],
+        help="run a recipe",
+        description="Run a YAML recipe and write its run folder.",
     )
     run.add_argument("recipe", help="recipe file (YAML)")
     run.add_argument(
@@ -43,65 +109,151 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="overrides, e.g. steps.0.train.lr=0.01 output=runs/x",
     )
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log on the console")
+    run.add_argument("-q", "--quiet", **quiet)
+    run.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with an interrupted run of this recipe: finished steps are reused, the running "
+        "step goes on from its last epoch (the recipe must be unchanged)",
+    )
     val = sub.add_parser(
         "validate",
+        parents=[common],
         help="check a recipe without running it",
         description="Validate a recipe completely; exit 2 naming the first bad field.",
     )
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    rep = sub.add_parser(
-        "report",
-        help="print the report of a finished run",
-        description="Print a run folder's report table (add --markdown or --json).",
-    )
-    rep.add_argument("run_dir")
-    fmt = rep.add_mutually_exclusive_group()
-    fmt.add_argument("--markdown", action="store_true")
-    fmt.add_argument("--json", action="store_true")
-    return p
+    val.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; overrides may come after options (``run r.yaml --quiet output=X``)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse stops filling ``overrides`` at the first option; what follows comes back here.
+        if not hasattr(args, "overrides") or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
+    with _sigterm_raises():
+        try:
+            code = _dispatch(args)
+            sys.stdout.flush()  # here, so that a closed pipe is seen inside the try, not at exit
+            return code
+        except BaseException as err:  # every way out gets its exit code and one short line
+            return _failed(err, args)
+
+
+def _failed(err: BaseException, args: argparse.Namespace) -> int:
+    if isinstance(err, BrokenPipeError):  # ``slimkit report RUN | head``: the reader has gone
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    if not isinstance(err, Exception | KeyboardInterrupt):
+        raise err  # SystemExit and the like keep their meaning
+    if args.debug:
+        traceback.print_exception(err, file=sys.stderr)
+    if isinstance(err, KeyboardInterrupt):
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        wrote = "; no run folder was written" if args.command in ("run", "demo") else ""
+        if args.command == "run":
+            wrote += f" (slimkit run {args.recipe} --resume goes on from the last finished epoch)"
+        _say(how + wrote)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+    if isinstance(err, SlimkitError):
+        _say(f"{err.kind}: {err}")
+        return err.exit_code
+    if isinstance(err, MemoryError):
+        _say("error: out of memory")
+        return EXIT_WORK
+    if isinstance(err, OSError):  # a disk that is full, a file that vanished: the work failed
+        _say(f"error: {err}")
+        return EXIT_WORK
+    hint = "" if args.debug else " (run with --debug for the traceback)"
+    _say(f"internal error: {type(err).__name__}: {err}{hint}")
+    return EXIT_WORK
+
+
+def _say(message: str) -> None:
+    if len(message) > _MAX_MESSAGE:
+        message = message[:_MAX_MESSAGE] + f"... ({len(message) - _MAX_MESSAGE} more characters)"
+    with contextlib.suppress(OSError):
+        print(f"slimkit: {message}", file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`Terminated` (once), so cleanup code runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (a test may call main elsewhere)
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        return _dispatch(args)
-    except ConfigError as err:
-        print(f"slimkit: recipe error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except SlimkitError as err:
-        print(f"slimkit: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("slimkit: interrupted; no run folder was written", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "cleanup":
+        from slimkit.recipes.output import cleanup
+
+        done = cleanup(args.folder)
+        print("\n".join(done) if done else f"{args.folder}: nothing to clean up")
+        return 0
+    if args.command == "report":
+        return _print_report(args)
+    if args.command == "generate":
+        from slimkit.recipes.generate import generate_text
+
+        print(generate_text(args.run_dir, args.prompt, args.step, args.max_new_tokens))
+        return 0
     from slimkit.recipes import load_recipe, run_recipe
     from slimkit.report import Report
 
-    if args.command == "report":
-        report = Report.load(args.run_dir)
-        print(
-            json.dumps(report.to_json(), indent=2)
-            if args.json
-            else report.to_markdown()
-            if args.markdown
-            else report.to_table()
-        )
-        return 0
     if args.command == "demo":
         recipe = load_recipe(shipped_recipe("demo"), [f"output={args.output}", *args.overrides])
     else:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides, trust_code=args.trust_code)
     if args.command == "validate":
         print(f"{args.recipe}: valid ({len(recipe.steps)} steps: {', '.join(s.name for s in recipe.steps)})")
+        from slimkit.recipes.checks import code_modules
+
+        for field, module in code_modules(recipe):
+            print(f"note: this recipe imports and runs code from {module} ({field})")
         return 0
-    out = run_recipe(recipe, progress=not args.quiet)
+    out = run_recipe(recipe, progress=not args.quiet, resume=getattr(args, "resume", False))
     print(Report.load(out).to_table())
     print(f"run folder: {out}")
+    return 0
+
+
+def _print_report(args: argparse.Namespace) -> int:
+    from slimkit.report import Report
+
+    report = Report.load(args.run_dir)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.to_markdown() if args.markdown else report.to_table())
     return 0
 
 

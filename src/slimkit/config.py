@@ -9,6 +9,8 @@ that a recipe error reads ``steps[2].epochs: must be a positive integer``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -16,6 +18,17 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 from slimkit.errors import ConfigError
 
 T = TypeVar("T")
+MAX_REPR = 200  # characters of a value shown in a message: a 200k-element list must not flood stderr
+
+
+def short_repr(value: Any, limit: int = MAX_REPR) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, without building the whole repr of a huge value."""
+    brief = reprlib.Repr()
+    brief.maxlist = brief.maxtuple = brief.maxset = brief.maxdict = 10
+    brief.maxstring = brief.maxother = limit
+    brief.maxlevel = 4
+    text = brief.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def require(cond: bool, field: str, message: str) -> None:
@@ -32,25 +45,36 @@ def positive_int(value: Any, field: str) -> None:
 
 
 def non_negative(value: Any, field: str) -> None:
-    require(_is_number(value) and value >= 0, field, f"must be >= 0, got {value!r}")
+    require(_is_number(value) and value >= 0, field, f"must be >= 0{_finite(value)}, got {short_repr(value)}")
 
 
 def positive(value: Any, field: str) -> None:
-    require(_is_number(value) and value > 0, field, f"must be > 0, got {value!r}")
+    require(_is_number(value) and value > 0, field, f"must be > 0{_finite(value)}, got {short_repr(value)}")
 
 
 def in_range(value: Any, field: str, lo: float, hi: float, hi_open: bool = False) -> None:
     ok = _is_number(value) and lo <= value and (value < hi if hi_open else value <= hi)
-    require(ok, field, f"must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+    bounds = f"[{lo}, {hi}{')' if hi_open else ']'}"
+    require(ok, field, f"must be in {bounds}{_finite(value)}, got {short_repr(value)}")
 
 
 def one_of(value: Any, field: str, choices: typing.Iterable[str]) -> None:
     choices = list(choices)
-    require(value in choices, field, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+    require(
+        value in choices, field, f"must be one of {', '.join(map(str, choices))}; got {short_repr(value)}"
+    )
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real, finite number: NaN and infinities are refused (a NaN lr trains silently to NaN weights)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _finite(value: Any) -> str:
+    """What to add to a message about a NaN or an infinity (their comparisons say nothing useful)."""
+    return " and finite" if isinstance(value, float) and not math.isfinite(value) else ""
 
 
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
@@ -65,7 +89,9 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(_join(path, str(unknown[0])), f"unknown key (expected one of: {', '.join(fields)})")
+        raise ConfigError(
+            _join(path, short_key(unknown[0])), f"unknown key (expected one of: {', '.join(fields)})"
+        )
     kwargs = {}
     for name, field in fields.items():
         if name in data:
@@ -93,7 +119,9 @@ def convert(hint: Any, value: Any, path: str) -> Any:
                 return convert(option, value, path)
             except ConfigError as err:
                 errors.append(err)
-        raise errors[-1] if len(errors) == 1 else ConfigError(path, f"has the wrong type ({value!r})")
+        raise (
+            errors[-1] if len(errors) == 1 else ConfigError(path, f"has the wrong type ({short_repr(value)})")
+        )
     if origin is Literal:
         one_of(value, path, get_args(hint))
         return value
@@ -115,16 +143,19 @@ def convert(hint: Any, value: Any, path: str) -> Any:
 
 def _scalar(hint: Any, value: Any, path: str) -> Any:
     if hint is bool:
-        require(isinstance(value, bool), path, f"must be true or false, got {value!r}")
+        require(isinstance(value, bool), path, f"must be true or false, got {short_repr(value)}")
     elif hint is int:
-        require(
-            isinstance(value, int) and not isinstance(value, bool), path, f"must be an integer, got {value!r}"
-        )
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        require(ok, path, f"must be an integer, got {short_repr(value)}")
     elif hint is float:
-        require(_is_number(value), path, f"must be a number, got {value!r}")
+        require(
+            _is_number(value),
+            path,
+            f"must be a{_finite(value) and ' finite'} number, got {short_repr(value)}",
+        )
         return float(value)
     elif hint is str:
-        require(isinstance(value, str), path, f"must be a string, got {value!r}")
+        require(isinstance(value, str), path, f"must be a string, got {short_repr(value)}")
     return value
 
 
@@ -137,6 +168,12 @@ def to_dict(config: Any) -> Any:
     if isinstance(config, dict):
         return {k: to_dict(v) for k, v in config.items()}
     return config
+
+
+def short_key(key: Any) -> str:
+    """A mapping key as it appears in a field path, cut like a value (a key can be any YAML scalar)."""
+    text = str(key)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _join(path: str, name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from slimkit.config import short_repr
 from slimkit.data.base import DataBundle, TextDataset
 from slimkit.errors import DataError
 
@@ -19,6 +21,39 @@ def require_file(path: Path, what: str = "file") -> Path:
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
     return path
+
+
+def require_finite(arr: np.ndarray, what: str) -> None:
+    """A DataError naming the first sample (and position in it) holding a NaN or inf.
+
+    Non-finite inputs or targets train a model into NaN weights while every step still
+    "succeeds", so they are refused when the data load. Only float arrays can hold them.
+    """
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating)):
+        return
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    flat = int(np.flatnonzero(~finite)[0])
+    row, rest = divmod(flat, max(int(np.prod(arr.shape[1:])), 1))
+    where = f"sample {row} (0-based)"
+    if arr.ndim > 1:
+        where += f", position {tuple(int(i) for i in np.unravel_index(rest, arr.shape[1:]))}"
+    value = arr.reshape(-1)[flat]
+    raise DataError(f"{what}, {where}: {value} (NaN and infinite values are refused)")
+
+
+def finite_number(value, loc: str, what: str) -> float:
+    """``value`` as a float, or a DataError naming the row ``loc`` and ``what`` (``column 'score'``)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{loc}: {what} is not a number: {short_repr(value)}") from None
+    if not np.isfinite(number):
+        raise DataError(
+            f"{loc}: {what} is {short_repr(value)}, not a finite number (NaN and inf are refused)"
+        )
+    return number
 
 
 def require_dir(path: Path, what: str = "folder") -> Path:
@@ -106,6 +141,19 @@ def label_map(values: Iterable[str]) -> list[str]:
     if all(_is_int(v) for v in names):
         names.sort(key=int)
     return names
+
+
+def note_label_map(source: str, names: Sequence[str]) -> list[str]:
+    """Say (in the log and the bundle's notes) when integer labels are renumbered, e.g. 1..5 -> 0..4.
+
+    A user whose labels are 1-based would otherwise find class 0 meaning their label 1 silently.
+    """
+    if not names or not all(_is_int(n) for n in names) or list(names) == [str(i) for i in range(len(names))]:
+        return []
+    shown = ", ".join(f"{n}->{i}" for i, n in enumerate(names[:10])) + (", ..." if len(names) > 10 else "")
+    note = f"{source}: integer labels renumbered to classes 0..{len(names) - 1} ({shown})"
+    logging.getLogger("slimkit.data").info(note)
+    return [note]
 
 
 def _is_int(text: str) -> bool:

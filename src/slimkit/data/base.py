@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-Task = Literal["classification", "regression", "similarity"]
+Task = Literal["classification", "regression", "similarity", "language_modeling"]
 
 
 class TextDataset(Dataset):

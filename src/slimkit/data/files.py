@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,10 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slimkit.config import short_repr
 from slimkit.data._common import (
+    finite_number,
     label_map,
+    note_label_map,
     require_dir,
     require_file,
+    require_finite,
     tensor_bundle,
     text_bundle,
     text_splits,
@@ -23,6 +28,7 @@ from slimkit.data._common import (
 )
 from slimkit.data.base import DataBundle, TextDataset
 from slimkit.errors import DataError
+from slimkit.utils.quiet import hush_imported
 
 ROLES = ("text", "text_pair", "label", "score")
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
@@ -51,7 +57,9 @@ def load_table(
     """
     files = {"train": path, "val": val_path, "test": test_path}
     sources = {split: read_table(p, format) for split, p in files.items() if p is not None}
-    return bundle_from_records(Path(path).stem, sources, columns, seed, val_fraction, test_fraction, task)
+    bundle = bundle_from_records(Path(path).stem, sources, columns, seed, val_fraction, test_fraction, task)
+    bundle.info["file"] = str(path)
+    return bundle
 
 
 def read_table(path: str | Path, format: str | None = None) -> list[Record]:
@@ -64,9 +72,12 @@ def read_table(path: str | Path, format: str | None = None) -> list[Record]:
         )
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            return _read_jsonl(f, path) if fmt == "jsonl" else _read_delimited(f, path, fmt)
+            rows = _read_jsonl(f, path) if fmt == "jsonl" else _read_delimited(f, path, fmt)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err})") from None
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    return rows
 
 
 def _read_delimited(f, path: Path, fmt: str) -> list[Record]:
@@ -77,11 +88,19 @@ def _read_delimited(f, path: Path, fmt: str) -> list[Record]:
         raise DataError(f"{path}:{reader.line_num}: {err}") from None
     if reader.fieldnames is None:
         raise DataError(f"{path}: empty file (expected a header line)")
+    for loc, row in rows:
+        if None in row:  # DictReader keeps the values beyond the header's columns under None
+            extra = row[None]
+            raise DataError(
+                f"{loc}: {len(reader.fieldnames) + len(extra)} values but the header has "
+                f"{len(reader.fieldnames)} columns (extra: {short_repr(extra)}); quote values that hold a "
+                f"{'comma' if fmt == 'csv' else 'tab'}"
+            )
     return rows
 
 
-def _read_jsonl(f, path: Path) -> list[Record]:
-    rows = []
+def iter_jsonl(f, path: Path):
+    """``(where, row)`` for each non-empty line of a JSONL file; each row must be a JSON object."""
     for lineno, line in enumerate(f, 1):
         if not line.strip():
             continue
@@ -91,8 +110,11 @@ def _read_jsonl(f, path: Path) -> list[Record]:
             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append((f"{path}:{lineno}", row))
-    return rows
+        yield f"{path}:{lineno}", row
+
+
+def _read_jsonl(f, path: Path) -> list[Record]:
+    return list(iter_jsonl(f, path))
 
 
 def bundle_from_records(
@@ -110,16 +132,22 @@ def bundle_from_records(
         raise DataError(f"{name}: the training data has no rows")
     roles = _resolve_columns(columns, train_records[0])
     raw = {split: [_extract(rec, roles) for rec in recs] for split, recs in sources.items()}
-    label_names = None
+    label_names, notes = None, []
     if "label" in roles:
         label_names = label_map(r["label"] for rows in raw.values() for r in rows)
         index = {n: i for i, n in enumerate(label_names)}
         for rows in raw.values():
             for r in rows:
                 r["label"] = index[r["label"]]
+        notes = note_label_map(_source(train_records[0][0]), label_names)
     splits = _split(raw, seed, val_fraction, test_fraction)
-    info = {"columns": dict(roles), "seed": seed}
+    info = {"columns": dict(roles), "seed": seed, "notes": notes}
     return text_bundle(name, _task(task, roles), splits, label_names, info)
+
+
+def _source(loc: str) -> str:
+    """The file (or saved dataset) of a record's location ``file:line`` / ``folder [split] row n``."""
+    return loc.split(" [", 1)[0] if " [" in loc else loc.rsplit(":", 1)[0]
 
 
 def _resolve_columns(columns: Mapping[str, str] | None, first: Record) -> dict[str, str]:
@@ -129,7 +157,7 @@ def _resolve_columns(columns: Mapping[str, str] | None, first: Record) -> dict[s
     unknown = [k for k in columns if k not in ROLES]
     if unknown:
         raise DataError(f"columns.{unknown[0]}: unknown role (expected {', '.join(ROLES)})")
-    where, found = loc.rsplit(":", 1)[0], ", ".join(map(str, row))  # the file, without its line number
+    where, found = _source(loc), ", ".join(map(str, row))  # the file, without its line number
     if "text" not in columns:
         raise DataError(f"{where}: no 'text' column (found: {found}); pass columns={{'text': ...}}")
     if ("label" in columns) == ("score" in columns):
@@ -145,22 +173,23 @@ def _extract(record: Record, roles: dict[str, str]) -> dict:
         if value is None:
             what = "missing column" if col not in row else "empty value in column"
             raise DataError(f"{loc}: {what} {col!r} (columns.{role}); found: {', '.join(map(str, row))}")
-        out[role] = value if role != "score" else _to_float(value, loc, col)
+        out[role] = value if role != "score" else finite_number(value, loc, f"column {col!r}")
     out["text"] = str(out["text"])
     if out["text_pair"] is not None:
         out["text_pair"] = str(out["text_pair"])
     if "label" in out:
-        out["label"] = str(out["label"]).strip()
-        if not out["label"]:
-            raise DataError(f"{loc}: empty label in column {roles['label']!r}")
+        out["label"] = _label(out["label"], loc, roles["label"])
     return out
 
 
-def _to_float(value, loc: str, col: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise DataError(f"{loc}: column {col!r} is not a number: {value!r}") from None
+def _label(value, loc: str, col: str) -> str:
+    label = str(value).strip()
+    if not label:
+        raise DataError(f"{loc}: empty label in column {col!r}")
+    # A missing value written as NaN (or a JSON NaN/Infinity), not a class name.
+    if label.lower() in ("nan", "-nan") or (isinstance(value, float) and not math.isfinite(value)):
+        raise DataError(f"{loc}: label {short_repr(value)} in column {col!r} is not a class (NaN/inf)")
+    return label
 
 
 def _split(raw: dict[str, list[dict]], seed: int, val_fraction: float, test_fraction: float):
@@ -217,18 +246,24 @@ def load_npz(
 def _read_npz(path: Path, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
+            if not data.files:
+                raise DataError(f"{path}: empty .npz file (no arrays; expected {x_key!r} and {y_key!r})")
             for key in (x_key, y_key):
                 if key not in data.files:
                     raise DataError(f"{path}: no array {key!r} (found: {', '.join(data.files)})")
             x, y = data[x_key], data[y_key]
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # EOFError: a 0-byte file
+        raise DataError(f"{path}: not a readable .npz file ({err or type(err).__name__})") from None
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or x.ndim < 1:
         raise DataError(
             f"{path}: array {x_key!r} must be numeric with a sample axis, got {x.dtype} {x.shape}"
         )
     if len(x) != len(y):
         raise DataError(f"{path}: {len(x)} samples in {x_key!r} but {len(y)} in {y_key!r}")
+    if len(x) == 0:
+        raise DataError(f"{path}: no samples (arrays {x_key!r} and {y_key!r} are empty)")
+    for key, arr in ((x_key, x), (y_key, y)):
+        require_finite(arr, f"{path}: array {key!r}")
     return x, y
 
 
@@ -300,6 +335,7 @@ def load_hf_dataset(
         import datasets
     except ImportError:
         raise DataError("load_hf_dataset needs the `datasets` library: pip install datasets") from None
+    hush_imported()  # its bars and logs off under --quiet (utils.quiet)
     path = require_dir(Path(path), "saved dataset folder")
     try:
         saved = datasets.load_from_disk(str(path))

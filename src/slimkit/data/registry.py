@@ -12,6 +12,15 @@ from slimkit.data._common import resolve_dir
 from slimkit.data.base import DataBundle
 from slimkit.data.digits import load_digits
 from slimkit.data.files import FORMATS, ROLES, load_hf_dataset, load_image_folder, load_npz, load_table
+from slimkit.data.lm import (
+    DEFAULT_SEQ_LEN,
+    SHAKESPEARE_FILE,
+    TEXT_FORMATS,
+    WIKITEXT2_FILE,
+    load_text,
+    load_tinyshakespeare,
+    load_wikitext2,
+)
 from slimkit.data.mnist import IMAGES, LABELS, load_mnist
 from slimkit.data.text import SENTIMENT_FILES, TREC_LABELS, load_sentiment, load_sst2, load_stsb, load_trec
 from slimkit.errors import DataError
@@ -29,6 +38,10 @@ OPTIONS: dict[str, set[str]] = {
     "npz": SPLIT | {"x_key", "y_key"},
     "image_folder": SPLIT | {"size", "grayscale"},
     "hf_dataset": SPLIT | {"columns", "task"},
+    # language modelling: contiguous parts of one text, cut into token windows of seq_len
+    "text": SPLIT | {"columns", "format", "seq_len", "stride"},
+    "wikitext2": {"val_fraction", "seq_len", "stride"},  # test is always the last 20%
+    "tinyshakespeare": SPLIT | {"seq_len", "stride"},
 }
 LOADERS: dict[str, Callable[..., DataBundle]] = {
     "digits": load_digits,
@@ -41,8 +54,11 @@ LOADERS: dict[str, Callable[..., DataBundle]] = {
     "npz": load_npz,
     "image_folder": load_image_folder,
     "hf_dataset": load_hf_dataset,
+    "text": load_text,
+    "wikitext2": load_wikitext2,
+    "tinyshakespeare": load_tinyshakespeare,
 }
-FILE_PATHS = {"table", "npz"}  # the others take a folder
+FILE_PATHS = {"table", "npz", "text"}  # the others take a folder
 # The files each public set needs, as (usual subfolder, names): checked up front to name the field.
 DATA_FILES: dict[str, Callable[[Any], tuple[str, list[str]]]] = {
     "mnist": lambda c: ("mnist", [IMAGES, LABELS]),
@@ -50,6 +66,8 @@ DATA_FILES: dict[str, Callable[[Any], tuple[str, list[str]]]] = {
     "sst2": lambda c: ("sst2", ["dev.tsv"]),
     "sentiment": lambda c: ("sentiment_labelled_sentences", [SENTIMENT_FILES[c.domain or "yelp"]]),
     "trec": lambda c: ("trec", ["train_5500.label", "TREC_10.label"]),
+    "wikitext2": lambda c: ("wikitext2", [WIKITEXT2_FILE]),
+    "tinyshakespeare": lambda c: ("tinyshakespeare", [SHAKESPEARE_FILE]),
 }
 TASKS = ("classification", "regression", "similarity")
 
@@ -75,6 +93,8 @@ class DataConfig:
     y_key: str | None = None
     size: int | list[int] | None = None
     grayscale: bool | None = None
+    seq_len: int | None = None  # language modelling: tokens per window
+    stride: int | None = None  # language modelling: evaluation windows slide by this (default seq_len)
 
     def __post_init__(self):
         one_of(self.name, "name", LOADERS)
@@ -96,7 +116,17 @@ class DataConfig:
         _optional(positive_int, self.n_train, "n_train")
         _optional(one_of, self.domain, "domain", SENTIMENT_FILES)
         _optional(one_of, self.label, "label", TREC_LABELS)
-        _optional(one_of, self.format, "format", sorted(set(FORMATS.values())))
+        formats = TEXT_FORMATS if self.name == "text" else sorted(set(FORMATS.values()))
+        _optional(one_of, self.format, "format", formats)
+        if self.seq_len is not None:
+            require(_is_int(self.seq_len) and self.seq_len >= 2, "seq_len", "must be an integer >= 2")
+        if self.stride is not None:
+            seq_len = self.seq_len or DEFAULT_SEQ_LEN
+            require(
+                _is_int(self.stride) and 1 <= self.stride <= seq_len,
+                "stride",
+                f"must be in [1, seq_len={seq_len}]",
+            )
         _optional(one_of, self.task, "task", TASKS)
         for role, column in (self.columns or {}).items():
             one_of(role, f"columns.{role}", ROLES)
@@ -109,6 +139,10 @@ class DataConfig:
 
 
 _OPTION_FIELDS = set().union(*OPTIONS.values())
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _optional(check: Callable, value: Any, field: str, *args) -> None:

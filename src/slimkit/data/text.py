@@ -11,7 +11,15 @@ import csv
 import re
 from pathlib import Path
 
-from slimkit.data._common import label_map, resolve_dir, text_bundle, text_splits, three_way, two_way
+from slimkit.data._common import (
+    finite_number,
+    label_map,
+    resolve_dir,
+    text_bundle,
+    text_splits,
+    three_way,
+    two_way,
+)
 from slimkit.data.base import DataBundle, TextDataset
 from slimkit.errors import DataError
 
@@ -143,10 +151,7 @@ def _row(text: str, label: int) -> dict:
 
 
 def _parse_float(value: str, path: Path, lineno: int) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise DataError(f"{path}:{lineno}: not a number: {value!r}") from None
+    return finite_number(value, f"{path}:{lineno}", "score")
 
 
 def _split_text(path: Path, val_fraction: float, test_fraction: float) -> str:

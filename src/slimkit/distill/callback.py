@@ -171,6 +171,18 @@ class DistillationCallback(Callback):
         if self.cache is not None:
             self.cache.save()
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The learned projections (tensors; checkpoints keep them), so a resumed run goes on with them."""
+        return {"projections": {k: dict(p.state_dict()) for k, p in self.projections.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, tensors in state.get("projections", {}).items():
+            if key not in self.projections:  # made on the first batch in the run that saved them
+                weight = tensors["weight"]
+                self.projections[key] = projection(weight.shape[1], weight.shape[0], conv=weight.dim() == 4)
+            self.projections[key].load_state_dict(tensors)
+
     # -- internals ------------------------------------------------------------------
     def _make_taps(self, student: nn.Module, train_only: bool) -> tuple[Taps, Taps]:
         s_attn, t_attn = list(self.attention_map), list(self.attention_map.values())

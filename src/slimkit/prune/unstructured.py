@@ -115,7 +115,12 @@ class GradualPruningCallback(MaskCallback):
         super().__init__(magnitude_masks(model, config.magnitude(config.initial_sparsity)))
 
     def on_train_begin(self, trainer) -> None:
-        self._update(trainer.model, trainer.global_step)
+        if self.history:  # resumed from a checkpoint: the masks came with it (load_state_dict)
+            model = trainer.model
+            self.masks.update({n: m.to(model.get_parameter(n).device) for n, m in self.masks.items()})
+            self.masks.apply_(model)
+        else:
+            self._update(trainer.model, trainer.global_step)
 
     def on_step_end(self, trainer) -> None:
         step = trainer.global_step
@@ -137,10 +142,15 @@ class GradualPruningCallback(MaskCallback):
         self.history.append((step, sparsity))
 
     def state_dict(self) -> dict:
-        return {"history": self.history}
+        # The masks themselves (checkpoints keep tensors): recomputed from the magnitudes at resume,
+        # they would prune at the sparsity of the resume step, not of the last scheduled update.
+        return {"history": self.history, "masks": dict(self.masks)}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [tuple(h) for h in state.get("history", [])]
+        if "masks" in state:
+            self.masks.clear()  # in place: the PruneSummary holds this very Masks object
+            self.masks.update({name: mask.bool() for name, mask in state["masks"].items()})
 
 
 def iterative_sparsities(final_sparsity: float, cycles: int) -> list[float]:

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 import slimkit.quant.kernels as kernels
 from slimkit.quant.affine import QSpec, dequantize, pack_int4, unpack_int4
+from slimkit.utils.cpu import fitted_threads
 
 INT8_CHANNEL = QSpec(8, True, "channel", 0)
 
@@ -102,10 +103,14 @@ class QuantLinear(_Packed):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return _export_linear(self, x if self.in_scale is None else x * self.in_scale)
+        with fitted_threads():  # one thread while the CPU is oversubscribed (see slimkit.utils.cpu)
+            return self._int8_forward(x)
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_scale is not None:
             x = x * self.in_scale
-        if torch.onnx.is_in_onnx_export():
-            return _export_linear(self, x)
         if self.mode == "dynamic":
             return kernels.dynamic_int8_linear(
                 x, self.qweight, self.w_scale, self.w_colsum, self.bias_value, self.granularity
@@ -157,6 +162,10 @@ class QuantConv2d(_Packed):
         return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with fitted_threads():  # one thread while the CPU is oversubscribed (see slimkit.utils.cpu)
+            return self._int8_forward(x)
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
         n, dtype, x = x.shape[0], x.dtype, x.float()
         if self.mode == "dynamic" and self.granularity == "token":
             # One scale per patch: the float patches themselves are quantized.

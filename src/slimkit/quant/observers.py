@@ -50,6 +50,19 @@ class Observer:
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return qparams(*self.range(), self.spec)
 
+    _STATE = ("lo", "hi", "_sum_lo", "_sum_hi")  # what the running observers accumulate
+
+    def state_dict(self) -> dict:
+        """What the observer has seen so far (tensors and a count), to resume QAT exactly."""
+        seen = {k: getattr(self, k) for k in self._STATE if getattr(self, k, None) is not None}
+        return {**seen, "batches": self.batches}
+
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        for key, value in state.items():
+            if key != "batches" and key not in self._STATE:
+                raise KeyError(f"{type(self).__name__} has no state {key!r}")
+            setattr(self, key, value.to(device) if isinstance(value, torch.Tensor) else value)
+
 
 class MinMaxObserver(Observer):
     pass

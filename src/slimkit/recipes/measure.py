@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from slimkit.config import positive_int, require
+
+
+@dataclass(frozen=True)
+class GenerationMeasure:
+    """Language models only: greedy decoding speed with the KV cache, timed beside latency.
+
+    Prefill tokens/s (a prompt of ``prompt_tokens``) and decode tokens/s (``new_tokens`` one-token
+    steps) at each batch size, medians of ``repeats`` runs after ``warmup``, all steps interleaved.
+    """
+
+    enabled: bool = True
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+    batch_sizes: tuple[int, ...] = (1, 8)
+    repeats: int = 3
+    warmup: int = 1
+
+    def __post_init__(self):
+        require(isinstance(self.enabled, bool), "enabled", "must be true or false")
+        for name in ("prompt_tokens", "new_tokens", "repeats"):
+            positive_int(getattr(self, name), name)
+        require(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "must be an integer >= 0")
+        require(len(self.batch_sizes) > 0, "batch_sizes", "must list at least one batch size")
+        for i, size in enumerate(self.batch_sizes):
+            positive_int(size, f"batch_sizes[{i}]")
 
 
 @dataclass(frozen=True)
@@ -17,6 +42,7 @@ class MeasureConfig:
     repeats: int = 20
     latency: bool = True
     max_length: int = 128  # text: tokens per sequence
+    generation: GenerationMeasure = field(default_factory=GenerationMeasure)  # language models only
 
     def __post_init__(self):
         for name in ("batch_size", "threads", "repeats", "max_length"):

@@ -2,7 +2,9 @@
 
 The run folder is built under a temporary name and renamed into place only
 when everything succeeded, so a crashed or interrupted run never leaves a
-folder that looks complete. Latency is measured at the end for all steps
+folder that looks complete; what an interrupted run had done is kept beside
+the output (:mod:`slimkit.recipes.resume`), so that ``--resume`` goes on from
+there with the same result. Latency is measured at the end for all steps
 together, interleaved, so the speedups in the report are fair ratios on a
 noisy machine.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -21,18 +24,24 @@ from typing import Any
 import torch
 import yaml
 
+from slimkit.data.lm import prepare_for_model
 from slimkit.data.registry import load_data
-from slimkit.errors import ConfigError
+from slimkit.errors import ConfigError, NonFiniteError
 from slimkit.metrics.model import count_macs, count_nonzero, count_parameters, peak_memory
 from slimkit.metrics.speed import compare_latency
 from slimkit.models.loading import load_model
-from slimkit.recipes.schema import Recipe
+from slimkit.recipes.lm_measure import check_generation, measure_generation
+from slimkit.recipes.output import run_folder
+from slimkit.recipes.resume import PartialRun
+from slimkit.recipes.schema import Recipe, Step
 from slimkit.recipes.steps import RunContext, StepResult, step_type
 from slimkit.recipes.steps.base import Saver
+from slimkit.recipes.steps.saving import SavedModel, format_named
 from slimkit.report import Report
-from slimkit.tasks import TaskAdapter, build_task
+from slimkit.tasks import TaskAdapter, build_task, check_labels_fit
 from slimkit.train import distributed
-from slimkit.utils.io import atomic_path, save_weights
+from slimkit.utils.io import save_weights
+from slimkit.utils.quiet import quiet_libraries
 
 
 @dataclass
@@ -60,21 +69,24 @@ class Snapshot:
     model: torch.nn.Module | None
 
 
-def run_recipe(recipe: Recipe, progress: bool = True) -> Path:
+def run_recipe(recipe: Recipe, progress: bool = True, resume: bool = False) -> Path:
+    """Run ``recipe`` into its output folder; ``resume`` goes on from an interrupted run of it
+    (finished steps reused, the running step from its last checkpoint: see :mod:`slimkit.recipes.resume`)."""
     if not distributed.is_main_process(distributed.current()):
         # Under torchrun every rank runs every step (training is data-parallel); only rank 0 keeps a folder.
-        with tempfile.TemporaryDirectory(prefix="slimkit-rank-") as scratch:
-            _run_into(recipe, Path(scratch) / "run", progress=False)
+        with tempfile.TemporaryDirectory(prefix="slimkit-rank-") as scratch, quiet_libraries(True):
+            _run_into(recipe, Path(scratch) / "run", progress=False, resume=resume)
         return Path(recipe.output)
-    return _run_into(recipe, Path(recipe.output), progress)
+    with quiet_libraries(not progress):  # other libraries' bars and log lines (utils.quiet)
+        return _run_into(recipe, Path(recipe.output), progress, resume)
 
 
-def _run_into(recipe: Recipe, out: Path, progress: bool) -> Path:
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
+def _run_into(recipe: Recipe, out: Path, progress: bool, resume: bool = False) -> Path:
+    # Locked, marked, built under a temporary name and swapped in only on success (recipes.output).
+    with run_folder(out, recipe.overwrite, recipe.name) as tmp:
         log = _logger(tmp / "run.log", progress)
         try:
-            _run(recipe, tmp, log, progress)
+            _run(recipe, tmp, log, progress, resume)
         finally:
             for handler in list(log.handlers):
                 handler.close()
@@ -82,34 +94,76 @@ def _run_into(recipe: Recipe, out: Path, progress: bool) -> Path:
     return out
 
 
-def _run(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool) -> None:
+def _run(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool, resume: bool = False) -> None:
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
+    # Read (or, starting over, cleared) under the output's lock, which run_folder holds around this.
+    partial = PartialRun(recipe, resume, writer=distributed.is_main_process(distributed.current()))
+    partial.note(log)
     base = _start(recipe, run_dir, log, progress)
     task, data = base.task, base.data
     current = _Current(base.model)
     example = task.example_batch(data.test, recipe.measure.batch_size)
-    snapshots = []
-    for i, step in enumerate(recipe.steps):
-        log.info("step %d/%d: %s (%s)", i + 1, len(recipe.steps), step.name, step.type)
-        t0 = time.perf_counter()
-        try:
-            result = step_type(step.type, f"steps[{i}].type").run(
-                replace(base, model=current.model), step.config
-            )
-        except ConfigError as err:  # a setting that only the data or model could rule out
-            raise err.prefixed(f"steps[{i}]") from None
-        current.apply(result)
-        snapshot = _measure(current, base, step.name, example, result.notes)
-        snapshot.figures["step_time_s"] = round(time.perf_counter() - t0, 2)
-        snapshots.append(snapshot)
-        log.info("  %s", {k: v for k, v in snapshot.figures.items() if k != "extra"})
+    snapshots = _reuse(partial, recipe, base, current)
+    partial.begin()
+    for i in range(len(snapshots), len(recipe.steps)):
+        snapshots.append(_run_step(i, recipe.steps[i], len(recipe.steps), base, current, example, partial))
+    measure_generation(snapshots, base)  # language models' tokens/s, while the snapshots hold their models
     _time_all(snapshots, example, task, recipe, log)
     _report(snapshots, task).save(run_dir)
     current.saver(current.model, run_dir / current.weights_name)
     resolved = dict(recipe.to_dict(), output=str(Path(recipe.output)))
     (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     log.info("done in %.1f s: %s", time.perf_counter() - started, recipe.output)
+    partial.discard()  # still under the output's lock; the folder is complete, only its rename is left
+
+
+def _run_step(
+    i: int, step: Step, total: int, base: RunContext, current: _Current, example: Any, partial: PartialRun
+) -> Snapshot:
+    """Run step ``i`` on the current model, apply and measure its result, keep it for --resume."""
+    base.log.info("step %d/%d: %s (%s)", i + 1, total, step.name, step.type)
+    t0 = time.perf_counter()
+    before = set(os.listdir(base.run_dir))
+    ctx = replace(base, model=current.model, checkpoints=partial.checkpoints(i, step.name))
+    try:
+        result = step_type(step.type, f"steps[{i}].type").run(ctx, step.config)
+    except ConfigError as err:  # a setting that only the data or model could rule out
+        raise err.prefixed(f"steps[{i}]") from None
+    except NonFiniteError as err:  # NaN/inf in training: name the step it happened in
+        raise err.in_step(f"steps[{i}] ({step.name})") from None
+    current.apply(result)
+    snapshot = _measure(current, base, step.name, example, result.notes)
+    snapshot.figures["step_time_s"] = round(time.perf_counter() - t0, 2)
+    base.log.info("  %s", {k: v for k, v in snapshot.figures.items() if k != "extra"})
+    # Files the step wrote into the run folder (a plot, the .onnx) are kept with it for --resume.
+    made = sorted(base.run_dir / n for n in set(os.listdir(base.run_dir)) - before if not n.startswith("."))
+    partial.finish(i, step.name, current, snapshot.figures, made)
+    if partial.should_stop_after(step.name):
+        raise KeyboardInterrupt(f"test hook: stopped after step {step.name}")
+    return snapshot
+
+
+def _reuse(partial: PartialRun, recipe: Recipe, base: RunContext, current: _Current) -> list[Snapshot]:
+    """--resume: the finished steps' models rebuilt from their files, with the figures they had."""
+    snapshots = []
+    for done in partial.finished:
+        step, fmt = recipe.steps[done.index], format_named(done.format)
+        partial.files_back(done, base.run_dir)
+        saved = SavedModel(partial.folder / done.weights, fmt.loader)
+        kind = step_type(step.type, f"steps[{done.index}].type")
+        model = kind.rebuild(replace(base, model=current.model), step.config, saved)
+        current.apply(StepResult(model, saver=fmt.saver, weights_name=done.weights_name))
+        frozen = copy.deepcopy(model).eval() if recipe.measure.latency else None
+        snapshots.append(Snapshot(step.name, dict(done.figures), frozen))
+        base.log.info(
+            "step %d/%d: %s reused (finished before the interruption)",
+            done.index + 1,
+            len(recipe.steps),
+            step.name,
+        )
+    partial.restore_rng()  # the next step starts from the RNG state it had in the interrupted run
+    return snapshots
 
 
 def _start(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool) -> RunContext:
@@ -117,11 +171,18 @@ def _start(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool) -
     data = load_data(recipe.data, prefix="data")
     splits = (("train", data.train), ("val", data.val), ("test", data.test))
     log.info("data %s: %s", data.name, {k: len(v) for k, v in splits if v is not None})
+    for note in data.info.get("notes", ()):  # e.g. labels 1..5 renumbered to classes 0..4
+        log.info("data: %s", note)
     model, tokenizer = load_model(recipe.model, num_classes=data.num_classes, input_shape=data.input_shape)
+    # Language models: the text cut into the tokenizer's windows, after checking the model can take them.
+    data = prepare_for_model(data, model, tokenizer)
+    check_generation(model, data.task, recipe.measure)
+    task = build_task(data, tokenizer, max_length=recipe.measure.max_length)
+    check_labels_fit(model, data, task)  # a model/data mismatch is named before any step runs
     return RunContext(
         model=model,
         data=data,
-        task=build_task(data, tokenizer, max_length=recipe.measure.max_length),
+        task=task,
         run_dir=run_dir,
         log=log,
         measure=recipe.measure,

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from slimkit.config import from_dict, require, to_dict
+from slimkit.config import from_dict, require, short_key, short_repr, to_dict
 from slimkit.data.registry import FILE_PATHS, DataConfig, path_problem
 from slimkit.errors import ConfigError
 from slimkit.models.loading import ModelConfig
+from slimkit.recipes.checks import CONSENT, check_consent, check_deep
 from slimkit.recipes.measure import MeasureConfig
+from slimkit.recipes.output import check_output
 from slimkit.recipes.steps import step_type
+from slimkit.recipes.yaml_io import parse_yaml, read_yaml_file
 
 __all__ = ["MeasureConfig", "Recipe", "Step", "apply_overrides", "load_recipe", "parse_recipe"]
 
@@ -44,6 +45,7 @@ class Recipe:
     seed: int = 0
     overwrite: bool = False
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    trust_code: bool = False  # the recipe's own consent to import factory code (--trust-code is not stored)
 
     def to_dict(self) -> dict:
         """What the user wrote plus every default, in the shape :func:`parse_recipe` reads back."""
@@ -54,18 +56,22 @@ class Recipe:
         return out
 
 
-_TOP = ("name", "seed", "model", "data", "steps", "measure", "output", "overwrite")
+_TOP = ("name", "seed", "model", "data", "steps", "measure", "output", "overwrite", "trust_code")
 
 
-def parse_recipe(raw: Any, check_paths: bool = True) -> Recipe:
+def parse_recipe(raw: Any, check_paths: bool = True, trust_code: bool = False) -> Recipe:
     """Validate plain recipe data. Relative paths are taken from the current folder, as in any CLI.
 
-    ``check_paths=False`` skips the checks that data files exist (structure and types are still checked).
+    ``check_paths=False`` skips what needs the files (data headers, model layer names, monitors against
+    the data's task); structure, types and consent are still checked. A model ``factory`` needs consent:
+    ``trust_code: true`` in the recipe or ``trust_code=True`` here (the CLI's ``--trust-code``).
     """
     require(isinstance(raw, dict), "", "a recipe must be a YAML mapping")
     unknown = [k for k in raw if k not in _TOP]
     require(
-        not unknown, str(unknown[0]) if unknown else "", f"unknown key (expected one of: {', '.join(_TOP)})"
+        not unknown,
+        short_key(unknown[0]) if unknown else "",
+        f"unknown key (expected one of: {', '.join(_TOP)})",
     )
     for key in ("model", "data", "steps", "output"):
         require(key in raw, key, "is required")
@@ -76,17 +82,19 @@ def parse_recipe(raw: Any, check_paths: bool = True) -> Recipe:
     steps = _parse_steps(raw["steps"])
     output = raw["output"]
     require(isinstance(output, str) and output.strip() != "", "output", "must be a folder path")
-    options = {k: raw[k] for k in ("name", "seed", "overwrite") if k in raw}
-    seed, overwrite, name = (
-        options.get("seed", 0),
-        options.get("overwrite", False),
-        options.get("name", "run"),
-    )
+    seed, overwrite, name = raw.get("seed", 0), raw.get("overwrite", False), raw.get("name", "run")
     require(isinstance(seed, int) and not isinstance(seed, bool), "seed", "must be an integer")
     require(isinstance(overwrite, bool), "overwrite", "must be true or false")
     require(isinstance(name, str), "name", "must be a string")
+    own_consent = raw.get("trust_code", False)
+    require(isinstance(own_consent, bool), "trust_code", "must be true or false")
     measure = from_dict(MeasureConfig, raw.get("measure", {}), "measure")
-    recipe = Recipe(model, data, steps, output, name=name, seed=seed, overwrite=overwrite, measure=measure)
+    recipe = Recipe(
+        model, data, steps, output, name, seed, overwrite, measure=measure, trust_code=own_consent
+    )
+    check_consent(recipe, trust_code or own_consent)  # before anything imports the user's module
+    if check_paths:
+        check_deep(recipe, trust_code or own_consent)
     _check_output(recipe)
     return recipe
 
@@ -130,34 +138,66 @@ def _checked_data_paths(data: DataConfig) -> DataConfig:
 
 
 def _check_output(recipe: Recipe) -> None:
-    out = Path(recipe.output)
-    if out.exists() and not recipe.overwrite:
-        raise ConfigError("output", f"{out} exists; set overwrite: true or choose another folder")
-    require(not out.exists() or out.is_dir(), "output", f"{out} exists and is not a folder")
+    # Only a slimkit run folder may be replaced, and never the current/home folder (recipes.output).
+    check_output(recipe.output, recipe.overwrite)
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``steps.0.train.epochs=3`` / ``steps[0].train.epochs=3`` / ``output=runs/x``; values are parsed as YAML."""
+def apply_overrides(raw: Any, overrides: list[str], trust_code: bool = False) -> Any:
+    """``steps.0.train.epochs=3`` / ``steps[0].train.epochs=3`` / ``output=runs/x``; values are parsed as YAML.
+
+    An override cannot make a recipe run code: setting a ``factory`` or ``trust_code`` needs
+    ``trust_code=True`` (the CLI's ``--trust-code``), whatever the recipe file says.
+    """
     raw = copy.deepcopy(raw)
     for item in overrides:
-        key, sep, value = item.partition("=")
-        require(bool(sep) and bool(key), item, "an override must look like key=value")
-        parts = key.replace("[", ".").replace("]", "").split(".")
-        node = raw
-        for depth, part in enumerate(parts[:-1]):
-            node = _child(node, part, ".".join(parts[: depth + 1]))
-        last = parts[-1]
-        if isinstance(node, list):
-            node[_index(node, last, key)] = yaml.safe_load(value)
-        else:
-            node[last] = yaml.safe_load(value)
+        try:
+            _apply(raw, item, trust_code)
+        except ConfigError as err:
+            raise ConfigError(err.path, f"{err.message} (in the override {short_repr(item)})") from None
     return raw
+
+
+def _apply(raw: Any, item: str, trust_code: bool) -> None:
+    key, sep, text = item.partition("=")
+    require(bool(sep) and bool(key), "", "an override must look like key=value")
+    parts = key.replace("[", ".").replace("]", "").split(".")
+    require(all(parts), key, "a key has a name between each pair of dots")
+    value = parse_yaml(text, key, lines=False)
+    require(
+        trust_code or not _sets_code(parts[-1], value),
+        key,
+        f"an override cannot add code to run (factory, trust_code); {CONSENT}",
+    )
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: depth + 1]))
+    last = parts[-1]
+    where = ".".join(parts[:-1]) or "recipe"
+    require(
+        isinstance(node, (dict, list)), where, f"is the value {short_repr(node)}: it has no field {last!r}"
+    )
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _sets_code(key: str, value: Any) -> bool:
+    """Whether an override names a factory or consent (at its key or anywhere inside its value)."""
+    if key in ("factory", "trust_code"):
+        return True
+    if isinstance(value, dict):
+        return any(_sets_code(str(k), v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_sets_code("", v) for v in value)
+    return False
 
 
 def _child(node: Any, part: str, path: str) -> Any:
     if isinstance(node, list):
         return node[_index(node, part, path)]
-    require(isinstance(node, dict) and part in node, path, "no such field to override")
+    require(isinstance(node, dict), path, f"cannot go into the value {short_repr(node)}")
+    require(part in node, path, "no such field to override")
     return node[part]
 
 
@@ -166,13 +206,14 @@ def _index(node: list, part: str, path: str) -> int:
     return int(part)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
-    """Read, override (``steps.0.train.epochs=3``) and validate a recipe file; see :func:`parse_recipe`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("recipe", f"file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError("recipe", f"{path} is not valid YAML ({err})") from None
-    return parse_recipe(apply_overrides(raw or {}, overrides or []), check_paths=check_paths)
+def load_recipe(
+    path: str | Path, overrides: list[str] | None = None, check_paths: bool = True, trust_code: bool = False
+) -> Recipe:
+    """Read, override (``steps.0.train.epochs=3``) and validate a recipe file; see :func:`parse_recipe`.
+
+    The file is read by :func:`slimkit.recipes.yaml_io.read_yaml_file` (size limit, no duplicate keys,
+    bounded aliases); ``trust_code`` is the command line's consent to import factory code.
+    """
+    raw = read_yaml_file(path)
+    raw = apply_overrides({} if raw is None else raw, overrides or [], trust_code)
+    return parse_recipe(raw, check_paths=check_paths, trust_code=trust_code)

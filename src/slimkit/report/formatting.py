@@ -64,7 +64,16 @@ def format_metric(value: Any) -> str:
         return MISSING
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
+    if isinstance(value, int):  # counts that come with a metric (tokens scored, seq_len)
+        return str(value)
     return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def format_rate(value: float | None) -> str:
+    """Tokens per second and other rates: one decimal (``23.4``)."""
+    if _missing(value):
+        return MISSING
+    return f"{value:.1f}"
 
 
 def format_delta(value: float | None) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimkit.errors import SlimkitError
+from slimkit.errors import BadInputError
 from slimkit.report import formatting as fmt
 from slimkit.report.plots import Point, plot_tradeoff
 from slimkit.utils.io import write_json, write_text
@@ -154,7 +154,17 @@ class Report:
             ("p95", lambda r: fmt.format_ms(r.p95_ms)),
             ("speedup", lambda r: fmt.format_ratio(d(r)["speedup"])),
         ]
+        for name in self._generation_columns():  # language models: prefill/decode tokens/s per batch
+            columns.append((name, lambda r, n=name: fmt.format_rate(r.extra.get("generation", {}).get(n))))
         return columns
+
+    def _generation_columns(self) -> list[str]:
+        names: list[str] = []
+        for row in self.rows:
+            generation = row.extra.get("generation")
+            if isinstance(generation, dict):
+                names += [k for k in generation if k not in names]
+        return names
 
     def _cells(self) -> tuple[list[str], list[list[str]]]:
         columns = self._columns()
@@ -265,9 +275,9 @@ class Report:
         path = Path(path)
         file = path / "report.json" if path.is_dir() else path
         if not file.is_file():
-            raise SlimkitError(f"no report found: {file} does not exist")
+            raise BadInputError(f"no report found: {file} does not exist")
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
             return cls.from_json(data)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise SlimkitError(f"{file}: not a slimkit report ({exc})") from exc
+            raise BadInputError(f"{file}: not a slimkit report ({exc})") from exc

@@ -15,6 +15,7 @@ Regularisation, stated plainly because frameworks disagree:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +41,7 @@ class TrainConfig:
     gamma: float = 0.1  # "step": decay factor
     min_lr_ratio: float = 0.0  # "cosine": final lr as a fraction of lr
     early_stopping_patience: int | None = None  # epochs without improvement of `monitor`
-    monitor: str = "val_loss"  # a key of the validation metrics, prefixed "val_"
+    monitor: str | None = None  # a key of the validation metrics ("val_..."); None: the task's default
     restore_best: bool = True  # with validation data: end on the best epoch's weights
     max_steps: int | None = None  # stop after this many optimizer steps (for resume/partial runs)
     seed: int = 0
@@ -68,12 +69,41 @@ class TrainConfig:
         in_range(self.min_lr_ratio, "min_lr_ratio", 0.0, 1.0)
         if self.early_stopping_patience is not None:
             positive_int(self.early_stopping_patience, "early_stopping_patience")
-        require(self.monitor.startswith("val_"), "monitor", "must name a validation metric such as val_loss")
+        require(
+            self.monitor is None or (isinstance(self.monitor, str) and self.monitor.startswith("val_")),
+            "monitor",
+            "must name a validation metric such as val_loss",
+        )
         if self.max_steps is not None:
             positive_int(self.max_steps, "max_steps")
+
+    def for_task(self, task: str) -> TrainConfig:
+        """This config with ``monitor`` set: the task's default metric when it is None (a copy, never in place)."""
+        if self.monitor is not None:
+            return self
+        return dataclasses.replace(self, monitor=default_monitor(task))
 
     @property
     def monitor_mode(self) -> str:
         """Losses, errors and perplexities go down; everything else goes up."""
         lowered = ("loss", "mse", "error", "perplexity")
-        return "min" if any(k in self.monitor for k in lowered) else "max"
+        return "min" if any(k in (self.monitor or "val_loss") for k in lowered) else "max"
+
+
+# What a task's validation reports and what to keep the best epoch by when no monitor is given
+# (slimkit.tasks.TaskAdapter.evaluate and slimkit.metrics.evaluate produce these; a test holds them equal).
+VAL_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1", "loss"),
+    "regression": ("mse", "pearson", "spearman"),
+    "similarity": ("spearman", "pearson"),
+}
+DEFAULT_MONITOR = {
+    "classification": "val_accuracy",
+    "regression": "val_spearman",
+    "similarity": "val_spearman",
+}
+
+
+def default_monitor(task: str | None) -> str:
+    """val_accuracy for classification, val_spearman for regression and similarity, else val_loss."""
+    return DEFAULT_MONITOR.get(task or "", "val_loss")

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from slimkit.batch import batch_len, default_forward, targets, to_device
-from slimkit.train import distributed
+from slimkit.errors import ConfigError
+from slimkit.train import distributed, guard
 from slimkit.train.callbacks import Callback
-from slimkit.train.checkpoint import load_checkpoint, save_checkpoint
+from slimkit.train.checkpoint import load_checkpoint, load_optimizer, save_checkpoint
 from slimkit.train.config import TrainConfig
 from slimkit.train.optim import build_optimizer, lr_factor, regularization
 
@@ -75,7 +76,7 @@ class Trainer:
         param_groups: Callable[[nn.Module], list[dict]] | None = None,
     ):
         self.model = model
-        self.config = config
+        self.config = config.for_task(task)  # monitor None -> the task's metric (a copy)
         self.callbacks = list(callbacks)
         self.forward = forward or default_forward
         self.loss_fn = loss_fn or (regression_loss if task == "regression" else classification_loss)
@@ -104,6 +105,10 @@ class Trainer:
         evaluate = self._evaluate or (self._default_evaluator(val_data) if val_data is not None else None)
         for cb in self.callbacks:
             cb.on_train_begin(self)
+        if resume_from is not None:
+            # After on_train_begin: a callback may add parameters to the optimizer there (distillation
+            # projections), and the saved optimizer state covers them too.
+            load_optimizer(resume_from, self.optimizer)
         start = time.perf_counter()
         while self.state["epoch"] < self.config.epochs and not self._should_stop():
             self._run_epoch(train_data, evaluate)
@@ -149,7 +154,7 @@ class Trainer:
             }
             self._best_weights = None
             return
-        self.state, self._best_weights = load_checkpoint(resume_from, self.model, self.optimizer)
+        self.state, self._best_weights = load_checkpoint(resume_from, self.model)
         for cb, cb_state in zip(self.callbacks, self.state.pop("callbacks", [])):
             cb.load_state_dict(cb_state)
 
@@ -184,7 +189,8 @@ class Trainer:
             loader,
             total=self.steps_per_epoch,
             initial=st["step_in_epoch"],
-            disable=not cfg.progress,
+            # None: no bar when stderr is not a terminal (a log file gets the one line per epoch below)
+            disable=None if cfg.progress else True,
             desc=f"epoch {st['epoch'] + 1}/{cfg.epochs}",
             leave=False,
             dynamic_ncols=True,
@@ -221,8 +227,8 @@ class Trainer:
         (total * distributed.mean_loss_scale(n, self._dist, device)).backward()
         for cb in self.callbacks:
             cb.on_after_backward(self)
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # Refuses a NaN/inf loss or gradient before it reaches the weights (and clips, if asked).
+        guard.check_step(self.model, loss, total, self._where, cfg.grad_clip)
         self.optimizer.step()
         st["global_step"] += 1
         st["step_in_epoch"] += 1
@@ -233,8 +239,13 @@ class Trainer:
             cb.on_step_end(self)
         return n
 
+    def _where(self) -> str:
+        st = self.state
+        return f"epoch {st['epoch'] + 1}/{self.config.epochs}, batch {st['step_in_epoch'] + 1}/{self.steps_per_epoch}"
+
     def _end_epoch(self, evaluate: Callable | None, samples_per_s: float) -> None:
         cfg, st = self.config, self.state
+        guard.check_weights(self.model, f"end of epoch {st['epoch'] + 1}/{cfg.epochs}")
         loss_sum, samples, samples_per_s = distributed.sum_across(
             [st["epoch_loss_sum"], st["epoch_samples"], samples_per_s], self._dist
         )
@@ -258,9 +269,10 @@ class Trainer:
     def _track_best(self, metrics: dict) -> None:
         cfg, st = self.config, self.state
         if cfg.monitor not in metrics:
-            raise KeyError(
-                f"monitor: {cfg.monitor!r} is not among the validation metrics "
-                f"({', '.join(k for k in metrics if k.startswith('val_'))})"
+            raise ConfigError(
+                "train.monitor",
+                f"{cfg.monitor!r} is not among the validation metrics "
+                f"({', '.join(k for k in metrics if k.startswith('val_'))})",
             )
         value = float(metrics[cfg.monitor])
         best = st["best_metric"]

@@ -246,7 +246,8 @@ def train_multitask(
     has_val = all(tasks[n].val is not None and len(tasks[n].val) > 0 for n in names)
     trainer = Trainer(
         objective,
-        replace(cfg, batch_size=1),  # one item = one planned batch of cfg.batch_size examples
+        # One item = one planned batch of cfg.batch_size examples; the default monitor is the mean score.
+        replace(cfg, batch_size=1, monitor=cfg.monitor or "val_score"),
         callbacks=[_Replan(batches), *callbacks],
         forward=lambda m, b: m(b),
         loss_fn=lambda out, b: out.loss,

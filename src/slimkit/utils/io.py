@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slimkit.errors import ModelError
@@ -35,17 +36,29 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     target = tmp / "out"
     try:
         yield target
+        if target.is_file() and not target.is_symlink():
+            # The permissions a plain open() gives (safetensors writes its files 0600).
+            os.chmod(target, 0o666 & ~_umask())
         if final.is_dir() and not final.is_symlink():
-            # A rename cannot replace a non-empty folder: move the old one aside first.
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            # A rename cannot replace a non-empty folder: move the old one aside first (inside ``tmp``,
+            # so that nothing is left beside ``final``), and back if the second rename fails.
+            old = tmp / "old"
             os.replace(final, old)
-            os.replace(target, final)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(target, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
         else:
             os.replace(target, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -104,7 +117,11 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ModelError(f"weights file not found: {path}")
     if path.suffix != ".safetensors":
         raise ModelError(f"{path}: only .safetensors weights are loaded (pickled checkpoints can run code)")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # corrupt, truncated or empty
+        why = "an empty file" if path.stat().st_size == 0 else f"{str(err).strip()[:200]}"
+        raise ModelError(f"{path}: not a readable safetensors file ({why})") from None
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
@@ -117,6 +134,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Mo
         details = [f"unexpected: {', '.join(unexpected[:5])}"] if unexpected else []
         details += [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:5]]
         raise ModelError(f"{path} does not fit the model ({'; '.join(details)})")
+    _check_dtypes_and_values(path, state, own)
     missing = set(own) - set(state)
     # Tied weights were saved once; anything else missing is an error.
     missing = {k for k in missing if not _is_alias(model, k, state)}
@@ -124,6 +142,20 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Mo
         raise ModelError(f"{path} lacks weights: {', '.join(sorted(missing)[:5])}")
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _check_dtypes_and_values(path, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    """Refuse a tensor whose dtype differs from the model's (load_state_dict would cast it silently:
+    int8 codes would become float weights of -128..127) or that holds NaN/inf."""
+    for name, tensor in state.items():
+        if name in own and tensor.dtype != own[name].dtype:
+            raise ModelError(
+                f"{path}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} in the file but "
+                f"{str(own[name].dtype).removeprefix('torch.')} in the model (quantized or converted weights "
+                "need the model they were saved from)"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{path}: tensor {name!r} holds NaN or infinite values")
 
 
 def _is_alias(model: torch.nn.Module, name: str, state: dict[str, torch.Tensor]) -> bool:

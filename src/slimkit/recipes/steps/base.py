@@ -26,14 +26,13 @@ from typing import Any
 from torch import nn
 
 from slimkit.batch import batch_len
-from slimkit.config import from_dict, to_dict
+from slimkit.config import from_dict, short_repr, to_dict
 from slimkit.data.base import DataBundle
 from slimkit.errors import ConfigError
 from slimkit.recipes.measure import MeasureConfig
+from slimkit.recipes.steps.saving import SavedModel, Saver, StepCheckpoints
 from slimkit.tasks import TaskAdapter
 from slimkit.train import Callback, TrainConfig, Trainer, TrainResult
-
-Saver = Callable[[nn.Module, Path], int]  # writes the model to a path, returns the file's size in bytes
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,8 @@ class RunContext:
     tokenizer: Any = None
     seed: int = 0
     progress: bool = True  # False under --quiet: no progress bars, whatever a step's train config says
+    # Where ctx.train checkpoints every epoch, and resumes from after an interruption (set by the runner)
+    checkpoints: StepCheckpoints | None = None
 
     def train(
         self,
@@ -58,9 +59,20 @@ class RunContext:
         val: bool = True,
         loss_fn: Callable | None = None,
     ) -> TrainResult:
-        """Train ``model`` in place with the recipe's task (forward, loss, collate) on the train split."""
+        """Train ``model`` in place with the recipe's task (forward, loss, collate) on the train split.
+
+        Under the runner each epoch ends with a checkpoint, and a step run again after an
+        interruption resumes from it (weights, optimizer, RNG, the callbacks' state).
+        """
         config = dataclasses.replace(config, progress=config.progress and self.progress)
         val_data = self.data.val if val else None
+        callbacks, resume_from = list(callbacks), None
+        if self.checkpoints is not None:
+            folder = self.checkpoints.next_folder()
+            callbacks.append(self.checkpoints.callback(folder))
+            resume_from = self.checkpoints.resume_from(folder)
+            if resume_from is not None:
+                self.log.info("  training resumes from its last checkpoint (%s)", folder.name)
         trainer = Trainer(
             model,
             config,
@@ -71,7 +83,7 @@ class RunContext:
             collate_fn=self.task.collate_fn,
             evaluate=(lambda m: self.task.evaluate(m, val_data)) if val_data else None,
         )
-        return trainer.fit(self.data.train, val_data)
+        return trainer.fit(self.data.train, val_data, resume_from=resume_from)
 
     def calibration_batches(self, n: int, batch_size: int = 32, split: str = "train") -> list[Any]:
         """At least ``n`` samples (whole batches, in order) from the start of a split, for calibration."""
@@ -110,6 +122,12 @@ class StepType:
     last_only: bool = False  # nothing can follow it (export: the model has left PyTorch)
     # check_before(earlier_steps, path): raise ConfigError if an earlier step makes this one impossible
     check_before: Callable[[list, str], None] | None = None
+    # restore(ctx, cfg, saved) -> the model this step made, rebuilt from its saved file (--resume)
+    restore: Callable[[RunContext, Any, SavedModel], nn.Module] | None = None
+
+    def rebuild(self, ctx: RunContext, config: Any, saved: SavedModel) -> nn.Module:
+        """The step's model from its saved file, ``ctx.model`` being the model before the step."""
+        return (self.restore or restore_in_place)(ctx, config, saved)
 
     def parse(self, body: Mapping[str, Any], path: str) -> Any:
         """The step's config from its YAML mapping (without ``type``/``name``); old spellings refused."""
@@ -144,18 +162,30 @@ def register_step(
     doc: str = "",
     last_only: bool = False,
     check_before: Callable[[list, str], None] | None = None,
+    restore: Callable[[RunContext, Any, SavedModel], nn.Module] | None = None,
 ) -> Callable[[Callable], Callable]:
-    """Decorator registering ``run(ctx, cfg) -> StepResult`` as step type ``name`` (names are unique)."""
+    """Decorator registering ``run(ctx, cfg) -> StepResult`` as step type ``name`` (names are unique).
+
+    ``restore(ctx, cfg, saved)`` rebuilds the step's model from the file the run kept when the step
+    finished, for ``--resume``: by default the file is loaded into ``ctx.model`` (the model before the
+    step), right for every step that changes the model in place; a step that builds another model
+    (a new student, a model with a task head) builds it the same way and loads into it.
+    """
 
     def decorate(run: Callable[[RunContext, Any], StepResult]) -> Callable[[RunContext, Any], StepResult]:
         if name in _STEPS:
             raise ValueError(
                 f"recipe step type {name!r} is already registered by {_STEPS[name].run.__module__}"
             )
-        _STEPS[name] = StepType(name, config, run, doc, last_only, check_before)
+        _STEPS[name] = StepType(name, config, run, doc, last_only, check_before, restore)
         return run
 
     return decorate
+
+
+def restore_in_place(ctx: RunContext, config: Any, saved: SavedModel) -> nn.Module:
+    """The default restore hook: the step changed ``ctx.model`` in place, so its file loads into it."""
+    return saved.load(ctx.model)
 
 
 def available_steps() -> dict[str, StepType]:
@@ -165,7 +195,7 @@ def available_steps() -> dict[str, StepType]:
 def step_type(name: Any, path: str) -> StepType:
     if isinstance(name, str) and name in _STEPS:
         return _STEPS[name]
-    raise ConfigError(path, f"unknown step type {name!r} (available: {', '.join(_STEPS)})")
+    raise ConfigError(path, f"unknown step type {short_repr(name)} (available: {', '.join(_STEPS)})")
 
 
 def moved_under(block: str, keys: Sequence[str], what: str) -> dict[str, str]:

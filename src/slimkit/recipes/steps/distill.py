@@ -31,6 +31,7 @@ from slimkit.distill.students import student_models
 from slimkit.models.loading import ModelConfig, builtin_kwargs, load_model
 from slimkit.prune import StructuredConfig, prune_
 from slimkit.recipes.steps.base import RunContext, StepResult, moved_under, register_step, set_field, under
+from slimkit.recipes.steps.saving import SavedModel
 from slimkit.train import TrainConfig
 
 AUTO_OUTPUT_LOSS = {"classification": "kd", "similarity": "cosine", "regression": "mse"}
@@ -146,10 +147,19 @@ def build_student(ctx: RunContext, spec: StudentSpec | str, teacher: torch.nn.Mo
     )
 
 
+def restore_distill(ctx: RunContext, cfg: DistillStep, saved: SavedModel) -> torch.nn.Module:
+    """--resume: the student built as the step builds it (a teacher only where it is made from one)."""
+    spec = cfg.student
+    needs_teacher = spec != "current" and spec.builtin is None
+    student = build_student(ctx, spec, build_teacher(ctx, cfg) if needs_teacher else None)
+    return saved.load(student)
+
+
 @register_step(
     "distill",
     config=DistillStep,
     doc="train a student (built-in, layers of the teacher, or the current model) from a teacher",
+    restore=restore_distill,
 )
 def run_distill(ctx: RunContext, cfg: DistillStep) -> StepResult:
     teacher = build_teacher(ctx, cfg)

@@ -29,6 +29,7 @@ from slimkit.config import positive_int
 from slimkit.errors import ConfigError
 from slimkit.quant import onnx_problem
 from slimkit.recipes.steps.base import RunContext, StepResult, moved_under, register_step
+from slimkit.recipes.steps.saving import SavedModel, register_format
 from slimkit.utils.io import atomic_path
 
 ONNX_NAME = "model.onnx"
@@ -86,12 +87,31 @@ def save_onnx(model: Any, path: Path) -> int:
     return path.stat().st_size
 
 
+def open_onnx(model: Any, path: Path, threads: int = 2) -> Any:
+    """An ONNX Runtime model on a saved ``.onnx`` file (``model``, the PyTorch one, is not needed)."""
+    from slimkit.export.onnx import OrtModule
+
+    return OrtModule(path, threads)
+
+
+register_format("onnx", save_onnx, open_onnx)
+
+
+def restore_export(ctx: RunContext, cfg: ExportStep, saved: SavedModel) -> Any:
+    """--resume: the kept ``.onnx`` file goes back into the run folder and opens as the step left it."""
+    path = ctx.run_dir / ONNX_NAME
+    with atomic_path(path) as tmp:
+        shutil.copyfile(saved.path, tmp)
+    return open_onnx(ctx.model, path, cfg.onnxruntime.threads)
+
+
 @register_step(
     "export",
     config=ExportStep,
     doc="export to ONNX Runtime (int8 kernels, fused attention); must be the last step",
     last_only=True,
     check_before=check_quantize_steps,
+    restore=restore_export,
 )
 def run_export(ctx: RunContext, cfg: ExportStep) -> StepResult:
     from slimkit.export.onnx import to_onnxruntime  # onnx/onnxruntime load only when a recipe exports

@@ -14,6 +14,7 @@ model is scored on the recipe's data.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,10 +33,11 @@ from slimkit.recipes.steps.base import (
     under,
     without,
 )
+from slimkit.recipes.steps.saving import SavedModel
 from slimkit.tasks import build_task
 from slimkit.train import TrainConfig
-from slimkit.transfer import FinetuneConfig, finetune
-from slimkit.transfer.heads import data_outputs
+from slimkit.transfer import FinetuneConfig, add_lora_, finetune, merge_lora_
+from slimkit.transfer.heads import data_outputs, with_head
 
 
 def _settings(cls: type) -> list[str]:
@@ -80,10 +82,28 @@ def with_progress(config: Any, ctx: RunContext) -> Any:
     return dataclasses.replace(config, train=train)
 
 
+def restore_finetune(ctx: RunContext, cfg: FinetuneStep, saved: SavedModel):
+    """--resume: the model with its task head (and LoRA adapters, merged or not), as ``finetune`` makes it."""
+    config = cfg.finetune
+    with under("finetune"):
+        data, _ = _train_data(ctx, config)
+        model = with_head(copy.deepcopy(ctx.model), config.head, data, config.reset_head)
+    if config.strategy == "lora":
+        flags = {id(p): p.requires_grad for p in model.parameters()}
+        add_lora_(model, config.lora)
+        for p in model.parameters():  # finetune hands back the flags the model came with
+            p.requires_grad_(flags.get(id(p), p.requires_grad))
+        if config.lora.merge:
+            merge_lora_(model)
+    model.train(ctx.model.training)
+    return saved.load(model)
+
+
 @register_step(
     "finetune",
     config=FinetuneStep,
     doc="fine-tune a pretrained encoder with a task head (linear probe, full, gradual, discriminative, LoRA)",
+    restore=restore_finetune,
 )
 def run_finetune(ctx: RunContext, cfg: FinetuneStep) -> StepResult:
     need_tokenizer(ctx, "finetune")

@@ -19,6 +19,7 @@ the report see an ordinary model of the recipe's task.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,8 +37,10 @@ from slimkit.recipes.steps.base import (
     without,
 )
 from slimkit.recipes.steps.finetune import load_extra_data, need_tokenizer, with_progress
+from slimkit.recipes.steps.saving import SavedModel
 from slimkit.train import TrainConfig
 from slimkit.transfer import MultiTaskConfig, train_multitask
+from slimkit.transfer.multitask import build_multitask_model
 
 
 @dataclass(frozen=True)
@@ -68,21 +71,37 @@ class MultiTaskStep:
         return {"multitask": without(to_dict(self.multitask), "train"), "train": to_dict(self.train)}
 
 
+def _tasks(ctx: RunContext, config: MultiTaskConfig) -> tuple[dict, str]:
+    """Every task's data set (loaded before any training) and the task that uses the recipe's data."""
+    tasks, primary = {}, ""
+    for i, spec in enumerate(config.tasks):
+        if spec.data is None:
+            tasks[spec.name], primary = ctx.data, spec.name
+        else:
+            tasks[spec.name] = load_extra_data(spec.data, f"tasks[{i}].data")
+    return tasks, primary
+
+
+def restore_multitask(ctx: RunContext, cfg: MultiTaskStep, saved: SavedModel):
+    """--resume: the multi-task model (shared encoder, a head per task), as ``train_multitask`` makes it."""
+    with under("multitask"):
+        tasks, primary = _tasks(ctx, cfg.multitask)
+        model = build_multitask_model(copy.deepcopy(ctx.model), tasks, cfg.multitask, primary)
+    model.train(ctx.model.training)
+    return saved.load(model)
+
+
 @register_step(
     "multitask",
     config=MultiTaskStep,
     doc="train one shared encoder with a head per task (fixed, uncertainty or GradNorm loss weights)",
+    restore=restore_multitask,
 )
 def run_multitask(ctx: RunContext, cfg: MultiTaskStep) -> StepResult:
     need_tokenizer(ctx, "multitask")
     config = with_progress(cfg.multitask, ctx)
-    tasks, primary = {}, ""
     with under("multitask"):
-        for i, spec in enumerate(config.tasks):  # load every data set before any training
-            if spec.data is None:
-                tasks[spec.name], primary = ctx.data, spec.name
-            else:
-                tasks[spec.name] = load_extra_data(spec.data, f"tasks[{i}].data")
+        tasks, primary = _tasks(ctx, config)
         result = train_multitask(ctx.model, tasks, config, ctx.tokenizer, default=primary)
     notes: dict[str, Any] = {}
     for name, metrics in result.metrics.items():

@@ -27,14 +27,21 @@ from slimkit.prune import (
     MagnitudeConfig,
     StructuredConfig,
     finalize_,
+    load_pruned,
+    load_sparse,
     prune_,
     save_pruned,
     save_sparse,
 )
 from slimkit.recipes.steps.base import TRAIN_MOVED, RunContext, StepResult, register_step, under
+from slimkit.recipes.steps.saving import register_format
 from slimkit.train import TrainConfig
 
 METHODS = ("magnitude", "gradual", "structured")
+
+# How the run keeps a pruned model for --resume: load_pruned shrinks the model before the step first.
+register_format("sparse", save_sparse, load_sparse)
+register_format("pruned", save_pruned, load_pruned)
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,24 @@ from typing import Any
 
 from slimkit.config import from_dict, positive_int, require, to_dict
 from slimkit.errors import ConfigError
-from slimkit.quant import config_from_dict, convert_, method_names, quantize_, save_quantized
+from slimkit.quant import (
+    QATCallback,
+    config_from_dict,
+    convert_,
+    load_quantized,
+    method_names,
+    quantize_,
+    save_quantized,
+)
 from slimkit.quant.method import method_for
 from slimkit.recipes.steps.base import RunContext, StepResult, register_step, under, without
+from slimkit.recipes.steps.saving import register_format
 from slimkit.train import TrainConfig
 
 SHARED = ("calibration_samples", "train")
+
+# How the run keeps a quantized model for --resume: rebuilt on the float model before the step.
+register_format("quantized", save_quantized, load_quantized)
 
 
 def _trains(quant: Any) -> bool:
@@ -140,7 +152,9 @@ def run_quantize(ctx: RunContext, cfg: QuantizeStep) -> StepResult:
     with under(quant.method):
         summary = quantize_(model, quant, calibration_data=batches, forward=ctx.task.forward)
         if _trains(quant):  # quantize_ only prepared (fake-quantized layers): train, then convert
-            notes["qat_epochs"] = len(ctx.train(model, cfg.train or _default_train()).history)
+            # The callback (already prepared: it only keeps the observers' ranges in checkpoints).
+            trained = ctx.train(model, cfg.train or _default_train(), callbacks=[QATCallback(quant)])
+            notes["qat_epochs"] = len(trained.history)
             summary = convert_(model)
     notes.update(
         quant_method=quant.method,

@@ -1,0 +1,80 @@
+"""Tiny causal language models built from configs offline (never downloaded), with a tiny tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = (
+    "the quick brown fox jumps over the lazy dog. "
+    "a language model predicts the next token from the tokens before it. "
+    "small models run fast on two cores, and caches make decoding cheaper. "
+)
+
+
+def text_lines(n: int) -> str:
+    """Numbered lines, so a test can tell which part of the text a window came from."""
+    words = CORPUS.split()
+    return "".join(f"line {i:04d} {' '.join(words[i % 7 : i % 7 + 6])}\n" for i in range(n))
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory on a few sentences (about 300 tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([CORPUS, text_lines(50)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_config(kind: str, vocab_size: int, positions: int = 128):
+    import transformers
+
+    if kind == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
+        return transformers.LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=positions,
+            tie_word_embeddings=True,
+        )
+    if kind == "qwen2":
+        return transformers.Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=positions,
+        )
+    if kind == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=positions
+        )
+    raise ValueError(kind)
+
+
+def tiny_lm(kind: str = "llama", vocab_size: int = 320, positions: int = 128, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(kind, vocab_size, positions)).eval()
+
+
+def save_tiny_lm(folder: Path, kind: str = "llama", positions: int = 128) -> Path:
+    """A tiny causal LM and its tokenizer saved as a Hugging Face folder (what a recipe loads)."""
+    tok = tiny_tokenizer()
+    tiny_lm(kind, len(tok), positions).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
