@@ -109,7 +109,7 @@ def _masks(model, inputs):
 
 
 PRUNE_ROWS = [
-    Row("prune", "magnitude", ("mlp", "cnn", "bert"), _magnitude, 0.5, prune.save_sparse,
+    Row("prune", "magnitude", ("mlp", "cnn", "bert", "llama"), _magnitude, 0.5, prune.save_sparse,
         lambda fresh, path, _n: prune.load_sparse(fresh, path),
         (lambda: prune.MagnitudeConfig(sparsity=1.5), "sparsity"),
         {"type": "prune", "magnitude": {"sparsity": 0.5}}, pure=(_masks, _analyze, _measure)),
@@ -159,21 +159,21 @@ def _quant_row(method, models, apply, bound, bad, step, **kw) -> Row:
 
 
 QUANT_ROWS = [
-    _quant_row("int8_dynamic", ("mlp", "cnn", "bert"), _quantize(quant.Int8DynamicConfig), 0.05,
+    _quant_row("int8_dynamic", ("mlp", "cnn", "bert", "llama"), _quantize(quant.Int8DynamicConfig), 0.05,
                (lambda: quant.Int8DynamicConfig(activation_granularity="row"), "activation_granularity"),
                {"type": "quantize", "int8_dynamic": {}}),
-    _quant_row("int8_static", ("mlp", "cnn", "bert"), _quantize(quant.Int8StaticConfig, True), 0.1,
+    _quant_row("int8_static", ("mlp", "cnn", "bert", "llama"), _quantize(quant.Int8StaticConfig, True), 0.1,
                (lambda: quant.Int8StaticConfig(activation_observer="best"), "activation_observer"),
                {"type": "quantize", "int8_static": {}, "calibration_samples": 64}),
-    _quant_row("weight_only", ("mlp", "cnn", "bert"),
+    _quant_row("weight_only", ("mlp", "cnn", "bert", "llama"),
                _quantize(lambda: quant.WeightOnlyConfig(bits=4, group_size=32, algorithm="gptq"), True), 0.2,
                (lambda: quant.WeightOnlyConfig(bits=3), "bits"),
                {"type": "quantize", "weight_only": {"bits": 4, "group_size": 32, "algorithm": "gptq"}}),
     _quant_row("qat", ("mlp", "cnn"), _qat, 0.1, (lambda: quant.QATConfig(weight_bits=3), "weight_bits"),
                {"type": "quantize", "qat": {}, "train": {"epochs": 1, "lr": 0.0001, "progress": False}}),
-    _quant_row("bf16", ("mlp", "cnn", "bert"), _quantize(quant.BF16Config), 0.02,
+    _quant_row("bf16", ("mlp", "cnn", "bert", "llama"), _quantize(quant.BF16Config), 0.02,
                (lambda: quant.BF16Config(include=[]), "include"), {"type": "quantize", "bf16": {}}),
-    _quant_row("mixed", ("mlp", "cnn", "bert"),
+    _quant_row("mixed", ("mlp", "cnn", "bert", "llama"),
                _quantize(lambda: quant.MixedPrecisionConfig(low={"method": "int8_dynamic"}, max_high_layers=1),
                          True), 0.05,
                (lambda: quant.MixedPrecisionConfig(low={"method": "int8_dynamic"}), "max_error"),
@@ -183,21 +183,20 @@ QUANT_ROWS = [
 # -- distillation ------------------------------------------------------------------------------
 
 
-def _distill_data(name: str, example):
-    x = example(name, 16)
-    if isinstance(x, dict):
+def _distill_data(x):
+    if isinstance(x, dict):  # token ids: rows of a text batch, no labels (only the teacher teaches)
         return [{k: v[i] for k, v in x.items()} for i in range(len(x["input_ids"]))]
     return TensorDataset(x, torch.randint(0, 10, (len(x),)))
 
 
-def _distill(student: nn.Module, teacher: nn.Module, name: str, example) -> distill.DistillResult:
+def _distill(student: nn.Module, teacher: nn.Module, inputs) -> distill.DistillResult:
     from slimkit.distill.api import no_label_loss
 
-    text = name == "bert"
+    text = isinstance(inputs, dict)
     config = distill.DistillConfig(output_loss="mse" if text else "kd", alpha=1.0 if text else 0.9)
     train = TrainConfig(epochs=1, lr=1e-6, batch_size=4, progress=False, optimizer="sgd")
     return distill.distill_(
-        student, teacher, _distill_data(name, example), config, train, loss_fn=no_label_loss if text else None
+        student, teacher, _distill_data(inputs), config, train, loss_fn=no_label_loss if text else None
     )
 
 
@@ -205,17 +204,14 @@ def _distill_apply(model, name, example):
     """The student starts as a copy of the teacher (``model``): a tiny step keeps it within the bound."""
     student = copy.deepcopy(model).train()
     _keep_batchnorm_statistics(student)
-    result = _distill(student, model, name, example)
+    result = _distill(student, model, example(name, 16))
     assert result.student_params == result.teacher_params and result.train.steps > 0
     return student.eval()
 
 
 def _distill_teacher_untouched(model, inputs):
     """distill_ changes the student only: the teacher (the input here) must stay as it was."""
-    from tests.test_conformance import example
-
-    name = "bert" if isinstance(inputs, dict) else ("cnn" if inputs.dim() == 4 else "mlp")
-    _distill(copy.deepcopy(model), model, name, example)
+    _distill(copy.deepcopy(model), model, inputs)
 
 
 def _layer_student(model, inputs):
@@ -224,7 +220,7 @@ def _layer_student(model, inputs):
 
 
 DISTILL_ROWS = [
-    Row("distill", "distill_", ("mlp", "cnn", "bert"), _distill_apply, 0.05, save_weights, _plain_load,
+    Row("distill", "distill_", ("mlp", "cnn", "bert", "llama"), _distill_apply, 0.05, save_weights, _plain_load,
         (lambda: distill.DistillConfig(temperature=0), "temperature"),
         {"type": "distill", "student": {"builtin": "digits_cnn", "kwargs": {"width": 4}},
          "distill": {"temperature": 2.0}, "train": {"epochs": 1, "lr": 0.005, "progress": False}},

@@ -1,10 +1,11 @@
 """The conformance table: every technique method is a row, and every row passes the same checks.
 
-For each row, on each of the tiny models it applies to (an MLP, a CNN with
-BatchNorm, a tiny BERT):
+For each row, on each of the tiny models it applies to:
 
 * the verb runs, and the model's output stays within the row's stated error
-  bound of the float model (relative L2 error of the main output);
+  bound of the float model (relative L2 error of the main output: logits, hidden
+  states); the models are an MLP, a CNN with BatchNorm, a tiny BERT and a tiny
+  Llama (grouped-query attention), each row on those its method supports;
 * save -> load into a freshly built model reproduces the outputs;
 * the family's non-``_`` functions leave their input model bit-identical
   (weights, dtype, train/eval mode of every submodule);
@@ -34,7 +35,7 @@ from slimkit.models import DigitsCNN
 from tests.conformance_rows import ROWS, TEXT_COLUMNS, Row, bad_config_rows
 from tests.conformance_rows import registered_methods as _registered
 
-MODEL_NAMES = ("mlp", "cnn", "bert")
+MODEL_NAMES = ("mlp", "cnn", "bert", "llama")
 BERT_VOCAB = 30522  # the bundled MiniLM tokenizer's: the transfer rows tokenize real text
 
 
@@ -44,6 +45,19 @@ def build(name: str, seed: int = 0) -> nn.Module:
         return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     if name == "cnn":
         return DigitsCNN(width=8, dropout=0.0).eval()
+    if name == "llama":  # a decoder with grouped-query attention (4 query heads share 2 KV heads)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        return LlamaForCausalLM(config).eval()
     from transformers import BertConfig, BertModel
 
     config = BertConfig(

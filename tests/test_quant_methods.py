@@ -420,3 +420,21 @@ def test_causal_grouped_query_model_exports_with_fused_attention(tmp_path):
     got = OrtModule(path)(**x)
     real = x["attention_mask"].bool()
     assert torch.allclose(got[real], ref[real], atol=1e-4)  # causal mask and grouped KV heads kept
+
+
+def test_layer_sensitivity_keeps_every_submodule_mode():
+    """A BatchNorm the caller put in eval mode stays in eval mode (the model itself in train mode)."""
+    from slimkit.batch import default_forward
+    from slimkit.models import DigitsCNN
+    from slimkit.quant.methods.int8_dynamic import Int8DynamicConfig
+    from slimkit.quant.plan import build_plan
+    from slimkit.quant.sensitivity import layer_sensitivity
+
+    torch.manual_seed(0)
+    model = DigitsCNN(width=4).train()
+    model.features[1].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    plan = build_plan(model, Int8DynamicConfig())
+    sens = layer_sensitivity(model, plan, {}, [torch.randn(4, 1, 8, 8)], default_forward)
+    assert len(sens) == len(plan.layers) and all(v >= 0 for v in sens.values())
+    assert {n: m.training for n, m in model.named_modules()} == modes

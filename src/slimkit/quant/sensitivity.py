@@ -19,18 +19,17 @@ import torch
 from torch import nn
 
 from slimkit.batch import first_output
+from slimkit.metrics.modes import eval_mode
 from slimkit.quant.builders import build_layer
 from slimkit.quant.method import method_for
 from slimkit.quant.plan import EMBEDDING_CONFIG, Plan, get_module, set_module
 
 
 def _outputs(model: nn.Module, batches: list, forward) -> list[torch.Tensor]:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        outs = [first_output(forward(model, b)).detach().float().clone() for b in batches]
-    model.train(was)
-    return outs
+    # eval_mode restores every submodule's own flag: model.train(was) would flip a BatchNorm
+    # that the caller had put in eval mode back to training.
+    with eval_mode(model), torch.no_grad():
+        return [first_output(forward(model, b)).detach().float().clone() for b in batches]
 
 
 def relative_error(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
