@@ -438,3 +438,39 @@ def test_layer_sensitivity_keeps_every_submodule_mode():
     sens = layer_sensitivity(model, plan, {}, [torch.randn(4, 1, 8, 8)], default_forward)
     assert len(sens) == len(plan.layers) and all(v >= 0 for v in sens.values())
     assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def test_a_method_registered_in_a_test_runs_end_to_end_through_a_recipe(tmp_path, capsys):
+    """One new method = one class and its registration: the quantize step takes its key at once."""
+    import json
+
+    import yaml
+
+    from slimkit.cli import main
+
+    recipe = {
+        "name": "new_method",
+        "model": {"builtin": "digits_cnn", "kwargs": {"width": 8}},
+        "data": {"name": "digits"},
+        "steps": [
+            {"type": "train", "train": {"epochs": 2, "lr": 0.01, "progress": False}},
+            {"type": "quantize", "name": "half", "fp16_roundtrip": {}},
+        ],
+        "measure": {"repeats": 2, "warmup": 0, "batch_size": 16},
+        "output": str(tmp_path / "run"),
+        "overwrite": True,
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with registered(HalfMethod()):
+        assert main(["run", str(path), "--quiet"]) == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "run" / "report.json").read_text())["rows"]
+    assert [r["step"] for r in rows] == ["train", "half"]
+    trained, half = rows
+    assert half["extra"]["quant_method"] == "fp16_roundtrip" and half["extra"]["quantized_layers"] == 2
+    # the two Linear layers hold most weights: float16 storage makes the file clearly smaller
+    assert half["size_bytes"] < 0.7 * trained["size_bytes"]
+    assert abs(half["metrics"]["accuracy"] - trained["metrics"]["accuracy"]) <= 0.01
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 2  # outside the block the method (and its key) is gone
+    assert "fp16_roundtrip" in capsys.readouterr().err
