@@ -316,3 +316,57 @@ def test_restore_rebuilds_the_model_a_transfer_step_made(tmp_path, body):
     assert [
         (n, p.requires_grad) for n, p in rebuilt.named_parameters()
     ] == flags  # later steps train the same
+
+
+# -- steps whose library trains with its own Trainer (finetune, multitask) resume mid-step too -------------
+def _text_run(tmp_path: Path, out: Path, folder: Path, step: dict, *options: str) -> int:
+    table = tmp_path / "toy.csv"
+    rows = [("good great nice", 1), ("bad awful poor", 0)] * 20
+    table.write_text("text,label\n" + "".join(f"{t} item {i},{y}\n" for i, (t, y) in enumerate(rows)))
+    step = json.loads(json.dumps(step).replace('"TABLE"', json.dumps(str(table))))
+    recipe = {
+        "name": "resume_text",
+        "seed": 5,
+        "model": {"hf": str(folder)},
+        "data": {"name": "table", "path": str(table), "columns": {"text": "text", "label": "label"}},
+        "steps": [step],
+        "measure": {"repeats": 1, "warmup": 0, "batch_size": 8, "max_length": 16, "threads": 1},
+        "output": str(out),
+    }
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return main(["run", str(path), "--quiet", *options])
+
+
+TEXT_TRAIN = {"epochs": 3, "lr": 0.003, "batch_size": 8, "progress": False}
+TEXT_STEPS = {
+    "finetune": {"type": "finetune", "finetune": {"strategy": "full"}, "train": TEXT_TRAIN},
+    "multitask": {
+        "type": "multitask",
+        "multitask": {
+            "max_length": 16,
+            "tasks": [{"name": "own"}, {"name": "other", "data": {"name": "table", "path": "TABLE"}}],
+        },
+        "train": TEXT_TRAIN,
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "kind", ["finetune", pytest.param("multitask", marks=pytest.mark.slow)], ids=["finetune", "multitask"]
+)
+def test_transfer_steps_resume_in_the_middle_of_their_training(tmp_path, monkeypatch, kind):
+    from tests.transfer_helpers import save_tiny_bert
+
+    folder = save_tiny_bert(tmp_path / "tiny_bert")
+    step = TEXT_STEPS[kind]
+    assert _text_run(tmp_path, tmp_path / "straight", folder, step) == 0
+    out = tmp_path / "run"
+    monkeypatch.setenv(STOP_AFTER_EPOCH, f"{kind}:1")
+    assert _text_run(tmp_path, out, folder, step) == 130
+    monkeypatch.delenv(STOP_AFTER_EPOCH)
+    assert _text_run(tmp_path, out, folder, step, "--resume") == 0
+    assert "training resumes from its last checkpoint" in (out / "run.log").read_text()
+    assert (out / "model.safetensors").read_bytes() == (
+        tmp_path / "straight" / "model.safetensors"
+    ).read_bytes()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -81,6 +82,7 @@ def finetune(
     tokenizer=None,
     task: TaskAdapter | None = None,
     callbacks: Sequence[Callback] = (),
+    resume_from: str | Path | None = None,
 ) -> FinetuneResult:
     """Train a copy of ``model`` (with a head for ``data``'s task) on ``data.train``; validate on ``data.val``."""
     task = task or build_task(data, tokenizer, max_length=config.max_length or 128)
@@ -106,7 +108,7 @@ def finetune(
         evaluate=(lambda m: with_loss(task.evaluate(m, val))) if val is not None else None,
         param_groups=groups_fn,
     )
-    result = trainer.fit(train_set, val)
+    result = trainer.fit(train_set, val, resume_from=resume_from)
     notes = {"strategy": config.strategy, "n_train": len(train_set), "trainable_params": trainable}
     if config.strategy == "lora":
         notes["lora_params"] = lora_parameter_count(model)

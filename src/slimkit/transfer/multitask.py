@@ -17,6 +17,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -230,6 +231,7 @@ def train_multitask(
     tokenizer,
     default: str | None = None,
     callbacks: Sequence[Callback] = (),
+    resume_from: str | Path | None = None,
 ) -> MultiTaskResult:
     """Train a multi-task model on a copy of ``model``'s encoder; score each task on its test split."""
     _check_tasks(tasks, config)
@@ -255,7 +257,7 @@ def train_multitask(
         evaluate=(lambda m: _val_metrics(m.model, tasks, tokenizer, max_length)) if has_val else None,
         param_groups=lambda m: _groups(m, config.weighting_lr / cfg.lr, config.head_lr_scale),
     )
-    result = trainer.fit(batches)
+    result = trainer.fit(batches, resume_from=resume_from)
     mt_model.train(model.training)
     metrics = evaluate_tasks(mt_model, tasks, tokenizer, max_length)
     notes = {

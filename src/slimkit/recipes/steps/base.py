@@ -66,13 +66,8 @@ class RunContext:
         """
         config = dataclasses.replace(config, progress=config.progress and self.progress)
         val_data = self.data.val if val else None
-        callbacks, resume_from = list(callbacks), None
-        if self.checkpoints is not None:
-            folder = self.checkpoints.next_folder()
-            callbacks.append(self.checkpoints.callback(folder))
-            resume_from = self.checkpoints.resume_from(folder)
-            if resume_from is not None:
-                self.log.info("  training resumes from its last checkpoint (%s)", folder.name)
+        extra, resume_from = self.checkpointing()
+        callbacks = [*callbacks, *extra]
         trainer = Trainer(
             model,
             config,
@@ -84,6 +79,18 @@ class RunContext:
             evaluate=(lambda m: self.task.evaluate(m, val_data)) if val_data else None,
         )
         return trainer.fit(self.data.train, val_data, resume_from=resume_from)
+
+    def checkpointing(self) -> tuple[list[Callback], Path | None]:
+        """For one training run of the step: the callbacks that checkpoint it every epoch, and the
+        checkpoint to resume from (None: start). Steps whose library trains with its own Trainer
+        (finetune, multitask) pass both on, so they resume mid-step like ``train`` does."""
+        if self.checkpoints is None:
+            return [], None
+        folder = self.checkpoints.next_folder()
+        resume_from = self.checkpoints.resume_from(folder)
+        if resume_from is not None:
+            self.log.info("  training resumes from its last checkpoint (%s)", folder.name)
+        return [self.checkpoints.callback(folder)], resume_from
 
     def calibration_batches(self, n: int, batch_size: int = 32, split: str = "train") -> list[Any]:
         """At least ``n`` samples (whole batches, in order) from the start of a split, for calibration."""

@@ -110,7 +110,8 @@ def run_finetune(ctx: RunContext, cfg: FinetuneStep) -> StepResult:
     config = with_progress(cfg.finetune, ctx)
     with under("finetune"):
         data, task = _train_data(ctx, config)
-        result = finetune(ctx.model, data, config, ctx.tokenizer, task)
+        callbacks, resume_from = ctx.checkpointing()
+        result = finetune(ctx.model, data, config, ctx.tokenizer, task, callbacks, resume_from)
     history = result.train.history
     notes = {
         **result.notes,

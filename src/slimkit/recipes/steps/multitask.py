@@ -102,7 +102,10 @@ def run_multitask(ctx: RunContext, cfg: MultiTaskStep) -> StepResult:
     config = with_progress(cfg.multitask, ctx)
     with under("multitask"):
         tasks, primary = _tasks(ctx, config)
-        result = train_multitask(ctx.model, tasks, config, ctx.tokenizer, default=primary)
+        callbacks, resume_from = ctx.checkpointing()
+        result = train_multitask(
+            ctx.model, tasks, config, ctx.tokenizer, primary, callbacks=callbacks, resume_from=resume_from
+        )
     notes: dict[str, Any] = {}
     for name, metrics in result.metrics.items():
         notes.update({f"{name}_{k}": round(v, 4) for k, v in metrics.items()})
