@@ -92,3 +92,14 @@ def batch_len(batch: Any) -> int:
     if isinstance(batch, (list, tuple)):
         return len(batch[0])
     return len(batch)
+
+
+def describe_batch(batch: Any) -> str:
+    """A batch's shapes in words, for error messages."""
+    if isinstance(batch, torch.Tensor):
+        return f"tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return f"input of shape {tuple(batch[0].shape)}"
+    return type(batch).__name__

@@ -123,7 +123,10 @@ def build_task(data: DataBundle, tokenizer=None, max_length: int = 128) -> TaskA
         return TaskAdapter(LM_TASK, text_forward, lm_loss, None, batch_size=8, example_size=1)
     from slimkit.data.loaders import text_collate
 
-    collate = text_collate(tokenizer, max_length=max_length, pairs="separate")
+    # Similarity embeds each sentence apart (bi-encoder); a classifier or regressor on pairs reads
+    # both as one [CLS] a [SEP] b [SEP] input (the pair is never dropped).
+    pairs = "separate" if data.task == "similarity" else "joint"
+    collate = text_collate(tokenizer, max_length=max_length, pairs=pairs)
     if data.task == "similarity":
         return TaskAdapter("similarity", pair_forward, cosine_score_loss, collate, batch_size=64)
     loss = regression_loss if data.task == "regression" else classification_loss

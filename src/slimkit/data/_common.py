@@ -144,14 +144,18 @@ def label_map(values: Iterable[str]) -> list[str]:
 
 
 def note_label_map(source: str, names: Sequence[str]) -> list[str]:
-    """Say (in the log and the bundle's notes) when integer labels are renumbered, e.g. 1..5 -> 0..4.
+    """Say (in the log and the bundle's notes) how labels became classes: integer labels renumbered
+    (e.g. 1..5 -> 0..4), string labels in sorted order. Labels 0..N-1 as they are: nothing to say.
 
     A user whose labels are 1-based would otherwise find class 0 meaning their label 1 silently.
     """
-    if not names or not all(_is_int(n) for n in names) or list(names) == [str(i) for i in range(len(names))]:
+    if not names or list(names) == [str(i) for i in range(len(names))]:
         return []
     shown = ", ".join(f"{n}->{i}" for i, n in enumerate(names[:10])) + (", ..." if len(names) > 10 else "")
-    note = f"{source}: integer labels renumbered to classes 0..{len(names) - 1} ({shown})"
+    if all(_is_int(n) for n in names):
+        note = f"{source}: integer labels renumbered to classes 0..{len(names) - 1} ({shown})"
+    else:  # string labels: the order is sorted by name; label_names sets another
+        note = f"{source}: labels mapped to classes in sorted order ({shown}); label_names sets another order"
     logging.getLogger("slimkit.data").info(note)
     return [note]
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import logging
 import math
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 from slimkit.config import short_repr
 from slimkit.data._common import (
+    _is_int,
     finite_number,
     label_map,
     note_label_map,
@@ -36,6 +39,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 HF_SPLITS = {"train": "train", "validation": "val", "val": "val", "dev": "val", "test": "test"}
 
 Record = tuple[str, dict]  # (location for error messages, raw row)
+Column = str | int | list  # a column name, a 0-based position (no header), or several (text only)
+DEFAULT_JOIN = ". "  # between the columns of columns.text: [title, description]
 
 
 def load_table(
@@ -48,31 +53,51 @@ def load_table(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     task: str | None = None,
+    header: bool = True,
+    limit: int | None = None,
+    label_names: Sequence[str] | None = None,
+    join: str = DEFAULT_JOIN,
 ) -> DataBundle:
     """A text DataBundle from a table file (``.csv``, ``.tsv`` or ``.jsonl``; ``format`` overrides the suffix).
 
-    ``columns`` maps the roles ``text``, ``text_pair``, ``label``, ``score`` to column names; by
-    default every role whose name is a column is used. Splits missing as files are cut from
-    ``path`` deterministically with ``seed``. String labels become ints in sorted-name order.
+    ``columns`` maps the roles ``text``, ``text_pair``, ``label``, ``score`` to column names (or,
+    with ``header=False``, to 0-based column positions); by default every role whose name is a
+    column is used. ``text`` may name several columns, joined with ``join``. ``limit`` reads
+    only the first rows of each file (before any split). Splits missing as files are cut from
+    ``path`` deterministically with ``seed``. Labels become classes as :func:`class_index` says.
     """
     files = {"train": path, "val": val_path, "test": test_path}
-    sources = {split: read_table(p, format) for split, p in files.items() if p is not None}
-    bundle = bundle_from_records(Path(path).stem, sources, columns, seed, val_fraction, test_fraction, task)
+    sources = {split: read_table(p, format, header, limit) for split, p in files.items() if p is not None}
+    bundle = bundle_from_records(
+        Path(path).stem, sources, columns, seed, val_fraction, test_fraction, task, label_names, join
+    )
     bundle.info["file"] = str(path)
     return bundle
 
 
-def read_table(path: str | Path, format: str | None = None) -> list[Record]:
-    """Raw rows of one table file, each with its ``file:line`` location."""
+def read_table(
+    path: str | Path, format: str | None = None, header: bool = True, limit: int | None = None
+) -> list[Record]:
+    """Raw rows of one table file (at most ``limit``, the first ones), each with its ``file:line`` location.
+
+    Without a ``header`` (CSV/TSV only) a row's keys are its 0-based column positions.
+    """
     path = require_file(Path(path))
     fmt = format or FORMATS.get(path.suffix.lower())
     if fmt not in FORMATS.values():
         raise DataError(
             f"{path}: cannot tell the format from the suffix; pass format= one of csv, tsv, jsonl"
         )
+    if not header and fmt == "jsonl":
+        raise DataError(f"{path}: header: false is for CSV/TSV files (JSONL rows name their fields)")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = _read_jsonl(f, path) if fmt == "jsonl" else _read_delimited(f, path, fmt)
+            if fmt == "jsonl":
+                rows = list(itertools.islice(iter_jsonl(f, path), limit))
+            elif header:
+                rows = _read_delimited(f, path, fmt, limit)
+            else:
+                rows = _read_headerless(f, path, fmt, limit)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err})") from None
     if not rows:
@@ -80,10 +105,10 @@ def read_table(path: str | Path, format: str | None = None) -> list[Record]:
     return rows
 
 
-def _read_delimited(f, path: Path, fmt: str) -> list[Record]:
+def _read_delimited(f, path: Path, fmt: str, limit: int | None = None) -> list[Record]:
     reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
     try:
-        rows = [(f"{path}:{reader.line_num}", row) for row in reader]
+        rows = [(f"{path}:{reader.line_num}", row) for row in itertools.islice(reader, limit)]
     except csv.Error as err:
         raise DataError(f"{path}:{reader.line_num}: {err}") from None
     if reader.fieldnames is None:
@@ -96,6 +121,21 @@ def _read_delimited(f, path: Path, fmt: str) -> list[Record]:
                 f"{len(reader.fieldnames)} columns (extra: {short_repr(extra)}); quote values that hold a "
                 f"{'comma' if fmt == 'csv' else 'tab'}"
             )
+    return rows
+
+
+def _read_headerless(f, path: Path, fmt: str, limit: int | None = None) -> list[Record]:
+    """Rows of a CSV/TSV without a header line: ``{0: first value, 1: second, ...}``; blank lines skipped."""
+    reader = csv.reader(f, delimiter="," if fmt == "csv" else "\t")
+    rows: list[Record] = []
+    try:
+        for values in reader:
+            if limit is not None and len(rows) >= limit:
+                break
+            if values:
+                rows.append((f"{path}:{reader.line_num}", dict(enumerate(values))))
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: {err}") from None
     return rows
 
 
@@ -113,10 +153,6 @@ def iter_jsonl(f, path: Path):
         yield f"{path}:{lineno}", row
 
 
-def _read_jsonl(f, path: Path) -> list[Record]:
-    return list(iter_jsonl(f, path))
-
-
 def bundle_from_records(
     name: str,
     sources: dict[str, list[Record]],
@@ -125,24 +161,68 @@ def bundle_from_records(
     val_fraction: float,
     test_fraction: float,
     task: str | None = None,
+    label_names: Sequence[str] | None = None,
+    join: str = DEFAULT_JOIN,
 ) -> DataBundle:
     """Turn raw records of a train (and maybe val/test) source into a text DataBundle."""
     train_records = sources["train"]
     if not train_records:
         raise DataError(f"{name}: the training data has no rows")
     roles = _resolve_columns(columns, train_records[0])
-    raw = {split: [_extract(rec, roles) for rec in recs] for split, recs in sources.items()}
-    label_names, notes = None, []
+    raw = {split: [_extract(rec, roles, join) for rec in recs] for split, recs in sources.items()}
+    names, notes = None, []
     if "label" in roles:
-        label_names = label_map(r["label"] for rows in raw.values() for r in rows)
-        index = {n: i for i, n in enumerate(label_names)}
+        found = [r["label"] for rows in raw.values() for r in rows]
+        names, index, notes = class_index(found, label_names, _source(train_records[0][0]))
         for rows in raw.values():
             for r in rows:
                 r["label"] = index[r["label"]]
-        notes = note_label_map(_source(train_records[0][0]), label_names)
+    elif label_names is not None:
+        raise DataError("label_names: the data has no 'label' column (columns.label) to name")
     splits = _split(raw, seed, val_fraction, test_fraction)
     info = {"columns": dict(roles), "seed": seed, "notes": notes}
-    return text_bundle(name, _task(task, roles), splits, label_names, info)
+    return text_bundle(name, _task(task, roles), splits, names, info)
+
+
+def class_index(
+    found: Sequence[str], label_names: Sequence[str] | None, source: str
+) -> tuple[list[str], dict[str, int], list[str]]:
+    """(class names, label -> class index, notes logged) for the labels ``found`` in the data.
+
+    Without ``label_names``: integer labels in numeric order, others in sorted order (the map is
+    logged when it is not the identity). With ``label_names`` (class 0's name first): labels that
+    are names take their position in the list; integer labels index it 0-based, or 1-based when
+    they run 1..N (said in the log).
+    """
+    distinct = label_map(found)
+    if label_names is None:
+        return distinct, {n: i for i, n in enumerate(distinct)}, note_label_map(source, distinct)
+    names = [str(n) for n in label_names]
+    if len(set(names)) != len(names) or not names:
+        raise DataError(f"label_names: must be distinct, non-empty class names (got {short_repr(names)})")
+    if set(distinct) <= set(names):
+        index = {n: names.index(n) for n in distinct}
+        how = "by their position in label_names"
+    elif all(_is_int(v) for v in distinct):
+        values = sorted(int(v) for v in distinct)
+        if values[0] >= 0 and values[-1] < len(names):
+            index, how = {v: int(v) for v in distinct}, "0-based into label_names"
+        elif values[0] >= 1 and values[-1] <= len(names):
+            index, how = {v: int(v) - 1 for v in distinct}, "1-based: label k is class k-1 of label_names"
+        else:
+            raise DataError(
+                f"label_names: {len(names)} names, but the labels run {values[0]}..{values[-1]} "
+                f"(expected 0..{len(names) - 1} or 1..{len(names)})"
+            )
+    else:
+        missing = [v for v in distinct if v not in names]
+        raise DataError(
+            f"label_names: label {missing[0]!r} in {source} is not among the names ({short_repr(names)})"
+        )
+    shown = ", ".join(f"{v}->{index[v]} {names[index[v]]!r}" for v in distinct[:10])
+    note = f"{source}: labels mapped {how} ({shown}{', ...' if len(distinct) > 10 else ''})"
+    logging.getLogger("slimkit.data").info(note)
+    return names, index, [note]
 
 
 def _source(loc: str) -> str:
@@ -150,30 +230,49 @@ def _source(loc: str) -> str:
     return loc.split(" [", 1)[0] if " [" in loc else loc.rsplit(":", 1)[0]
 
 
-def _resolve_columns(columns: Mapping[str, str] | None, first: Record) -> dict[str, str]:
+def _resolve_columns(columns: Mapping[str, Column] | None, first: Record) -> dict[str, Column]:
+    """The role -> column map, checked against the first row: every named column must be in it."""
     loc, row = first
+    where, found = _source(loc), ", ".join(map(str, row))  # the file, without its line number
+    headerless = bool(row) and all(isinstance(k, int) for k in row)
     if columns is None:
+        if headerless:
+            raise DataError(
+                f"{where}: a file without a header needs columns by position "
+                f"(e.g. columns: {{label: 0, text: 1}}; this file has columns 0..{len(row) - 1})"
+            )
         columns = {role: role for role in ROLES if role in row}
     unknown = [k for k in columns if k not in ROLES]
     if unknown:
         raise DataError(f"columns.{unknown[0]}: unknown role (expected {', '.join(ROLES)})")
-    where, found = _source(loc), ", ".join(map(str, row))  # the file, without its line number
     if "text" not in columns:
         raise DataError(f"{where}: no 'text' column (found: {found}); pass columns={{'text': ...}}")
     if ("label" in columns) == ("score" in columns):
         raise DataError(f"{where}: need exactly one of a 'label' or a 'score' column (found: {found})")
+    for role, spec in columns.items():
+        if isinstance(spec, (list, tuple)) and role != "text":
+            raise DataError(f"columns.{role}: must be one column (only columns.text may list several)")
+        for col in spec if isinstance(spec, (list, tuple)) else [spec]:
+            if col not in row:
+                if headerless:
+                    found = f"{len(row)} columns (positions 0..{len(row) - 1})"
+                raise DataError(f"{loc}: missing column {col!r} (columns.{role}); found: {found}")
     return dict(columns)
 
 
-def _extract(record: Record, roles: dict[str, str]) -> dict:
+def _extract(record: Record, roles: dict[str, Column], join: str = DEFAULT_JOIN) -> dict:
     loc, row = record
     out = {"text_pair": None}
-    for role, col in roles.items():
-        value = row.get(col)
-        if value is None:
-            what = "missing column" if col not in row else "empty value in column"
-            raise DataError(f"{loc}: {what} {col!r} (columns.{role}); found: {', '.join(map(str, row))}")
-        out[role] = value if role != "score" else finite_number(value, loc, f"column {col!r}")
+    for role, spec in roles.items():
+        values = []
+        for col in spec if isinstance(spec, (list, tuple)) else [spec]:
+            value = row.get(col)
+            if value is None:
+                what = "missing column" if col not in row else "empty value in column"
+                raise DataError(f"{loc}: {what} {col!r} (columns.{role}); found: {', '.join(map(str, row))}")
+            values.append(value)
+        value = join.join(str(v) for v in values) if isinstance(spec, (list, tuple)) else values[0]
+        out[role] = value if role != "score" else finite_number(value, loc, f"column {spec!r}")
     out["text"] = str(out["text"])
     if out["text_pair"] is not None:
         out["text_pair"] = str(out["text_pair"])
@@ -325,11 +424,15 @@ def load_hf_dataset(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     task: str | None = None,
+    limit: int | None = None,
+    label_names: Sequence[str] | None = None,
+    join: str = DEFAULT_JOIN,
 ) -> DataBundle:
     """A text DataBundle from a dataset saved with ``datasets``' ``save_to_disk``.
 
     A DatasetDict's ``train``/``validation``/``test`` splits are used as given; missing ones
-    are cut from ``train``. ``columns`` works as in :func:`load_table`.
+    are cut from ``train``. ``columns``, ``limit`` (first rows of each split), ``label_names``
+    and ``join`` work as in :func:`load_table`.
     """
     try:
         import datasets
@@ -345,9 +448,12 @@ def load_hf_dataset(
     sources = {}
     for split, part in parts.items():
         if split in HF_SPLITS:
+            rows = part if limit is None else part.select(range(min(limit, len(part))))
             sources[HF_SPLITS[split]] = [
-                (f"{path} [{split}] row {i + 1}", dict(ex)) for i, ex in enumerate(part)
+                (f"{path} [{split}] row {i + 1}", dict(ex)) for i, ex in enumerate(rows)
             ]
     if "train" not in sources:
         raise DataError(f"{path}: no 'train' split (found: {', '.join(map(str, parts))})")
-    return bundle_from_records(path.name, sources, columns, seed, val_fraction, test_fraction, task)
+    return bundle_from_records(
+        path.name, sources, columns, seed, val_fraction, test_fraction, task, label_names, join
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from slimkit.data._common import resolve_dir
 from slimkit.data.files import FORMATS, IMAGE_SUFFIXES, _resolve_columns, _task, iter_jsonl
 from slimkit.data.lm import LM_TASK
 from slimkit.data.mnist import IMAGE_MAGIC, IMAGES, LABEL_MAGIC, LABELS
-from slimkit.data.registry import DATA_FILES, FILE_PATHS, DataConfig, check_path
+from slimkit.data.registry import DATA_FILES, FILE_PATHS, DataConfig, check_path, read_label_names
 from slimkit.errors import DataError
 
 TEXT_TASKS = {
@@ -52,7 +53,14 @@ def preview_data(config: DataConfig, prefix: str = "data") -> DataPreview:
         return _preview(config, prefix)
     except DataError as err:
         text = str(err)
-        raise DataError(text if text.startswith(prefix + ".") else f"{prefix}.path: {text}") from None
+        if text.startswith(prefix + "."):
+            raise DataError(text) from None
+        # the field it names: a column the file lacks is the columns entry's fault, not the path's
+        role = re.search(r"\(columns\.(\w+)\)", text)
+        field = f"columns.{role.group(1)}: " if role else "path: "
+        if text.startswith(("columns.", "label_names")):
+            field = ""
+        raise DataError(f"{prefix}.{field}{text}") from None
 
 
 def _preview(config: DataConfig, prefix: str) -> DataPreview:
@@ -68,6 +76,9 @@ def _preview(config: DataConfig, prefix: str) -> DataPreview:
         for file in names:
             _first_line(folder / file, ENCODINGS.get(name, "utf-8"))
         return DataPreview(TEXT_TASKS[name], "text", None, 2 if name in ("sst2", "sentiment") else None)
+    classes = None  # known before loading only from label_names
+    if name in ("table", "hf_dataset") and config.label_names is not None:
+        classes = len(read_label_names(config.label_names, None, f"{prefix}.label_names"))
     if name == "table":
         for field in ("val_path", "test_path"):
             if getattr(config, field):
@@ -76,7 +87,7 @@ def _preview(config: DataConfig, prefix: str) -> DataPreview:
                     _table_roles(extra, config)
                 except DataError as err:
                     raise DataError(f"{prefix}.{field}: {err}") from None
-        return DataPreview(_task(config.task, _table_roles(path, config)), "text")
+        return DataPreview(_task(config.task, _table_roles(path, config)), "text", None, classes)
     if name == "text":  # language modelling on the user's own text: read as text when loaded
         _first_line(path, "utf-8")
         return DataPreview(LM_TASK, "text")
@@ -84,7 +95,7 @@ def _preview(config: DataConfig, prefix: str) -> DataPreview:
         return _npz(path, config.x_key or "x", config.y_key or "y")
     if name == "image_folder":
         return _image_folder(path, config)
-    return DataPreview(config.task, "text")  # hf_dataset: the split files are Arrow, read when loaded
+    return DataPreview(config.task, "text", None, classes)  # hf_dataset: the Arrow files are read when loaded
 
 
 def _mnist(folder: Path) -> DataPreview:
@@ -127,7 +138,12 @@ def _table_roles(path: Path, config: DataConfig) -> dict[str, str]:
         raise DataError(f"{path}: cannot tell the format from the suffix; set format: csv, tsv or jsonl")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            first = _first_json_row(f, path) if fmt == "jsonl" else _first_delimited_row(f, path, fmt)
+            if fmt == "jsonl":
+                first = _first_json_row(f, path)
+            elif config.header is False:
+                first = _first_headerless_row(f, path, fmt)
+            else:
+                first = _first_delimited_row(f, path, fmt)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except OSError as err:
@@ -146,6 +162,18 @@ def _first_delimited_row(f, path: Path, fmt: str) -> tuple[str, dict]:
     if row is None:
         raise DataError(f"{path}: no data rows")
     return f"{path}:{reader.line_num}", row
+
+
+def _first_headerless_row(f, path: Path, fmt: str) -> tuple[str, dict]:
+    """The first non-blank row of a file without a header, keyed by 0-based column position."""
+    reader = csv.reader(f, delimiter="," if fmt == "csv" else "\t")
+    try:
+        values = next((v for v in reader if v), None)
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: {err}") from None
+    if values is None:
+        raise DataError(f"{path}: no data rows")
+    return f"{path}:{reader.line_num}", dict(enumerate(values))
 
 
 def _first_json_row(f, path: Path) -> tuple[str, dict]:

@@ -34,10 +34,11 @@ OPTIONS: dict[str, set[str]] = {
     "sst2": SPLIT,
     "sentiment": SPLIT | {"domain"},
     "trec": {"label", "val_fraction"},
-    "table": SPLIT | {"columns", "format", "test_path", "val_path", "task"},
+    "table": SPLIT
+    | {"columns", "format", "test_path", "val_path", "task", "header", "limit", "label_names", "join"},
     "npz": SPLIT | {"x_key", "y_key"},
     "image_folder": SPLIT | {"size", "grayscale"},
-    "hf_dataset": SPLIT | {"columns", "task"},
+    "hf_dataset": SPLIT | {"columns", "task", "limit", "label_names", "join"},
     # language modelling: contiguous parts of one text, cut into token windows of seq_len
     "text": SPLIT | {"columns", "format", "seq_len", "stride"},
     "wikitext2": {"val_fraction", "seq_len", "stride"},  # test is always the last 20%
@@ -84,8 +85,13 @@ class DataConfig:
     n_train: int | None = None
     domain: str | None = None
     label: str | None = None
-    columns: dict[str, str] | None = None
+    # role -> column name; a 0-based position with header: false; columns.text may list several
+    columns: dict[str, str | int | list] | None = None
     format: str | None = None
+    header: bool | None = None  # table CSV/TSV: false when the first line is data (columns by position)
+    limit: int | None = None  # read only the first N rows of each file (before splitting)
+    label_names: list[str] | str | None = None  # class names (class 0 first), or a file with one per line
+    join: str | None = None  # between the columns listed in columns.text (default ". ")
     test_path: str | None = None
     val_path: str | None = None
     task: str | None = None
@@ -128,14 +134,82 @@ class DataConfig:
                 f"must be in [1, seq_len={seq_len}]",
             )
         _optional(one_of, self.task, "task", TASKS)
-        for role, column in (self.columns or {}).items():
-            one_of(role, f"columns.{role}", ROLES)
-            require(isinstance(column, str) and column != "", f"columns.{role}", "must be a column name")
+        self._check_table()
         if self.size is not None:
             sizes = [self.size] if isinstance(self.size, int) else list(self.size)
             require(len(sizes) in (1, 2), "size", "must be an integer or [height, width]")
             for i, s in enumerate(sizes):
                 positive_int(s, f"size[{i}]" if isinstance(self.size, list) else "size")
+
+    def _check_table(self) -> None:
+        """``columns`` (names, or positions without a header), ``header``, ``limit``, ``label_names``, ``join``."""
+        if self.header is not None:
+            require(isinstance(self.header, bool), "header", "must be true or false")
+            suffix = Path(self.path or "").suffix.lower().lstrip(".")
+            require(
+                (self.format or suffix) != "jsonl",
+                "header",
+                "is for CSV/TSV files (JSONL rows name their fields)",
+            )
+        positional = self.header is False
+        if positional:
+            require(
+                self.columns is not None,
+                "columns",
+                "header: false needs columns by position, e.g. {label: 0, text: 1}",
+            )
+        what = "a 0-based column position (header: false)" if positional else "a column name"
+        for role, column in (self.columns or {}).items():
+            one_of(role, f"columns.{role}", ROLES)
+            field = f"columns.{role}"
+            if isinstance(column, list):
+                require(role == "text", field, "must be one column (only columns.text may list several)")
+                require(len(column) >= 2, field, "lists the columns to join: give two or more")
+                for i, col in enumerate(column):
+                    _column(col, f"{field}[{i}]", positional, what)
+            else:
+                _column(column, field, positional, what)
+        if self.join is not None:
+            require(isinstance(self.join, str), "join", "must be a string (the separator)")
+            joined = isinstance((self.columns or {}).get("text"), list)
+            require(joined, "join", "is used only when columns.text lists several columns")
+        _optional(positive_int, self.limit, "limit")
+        names = self.label_names
+        if names is not None:
+            usage = "must be a list of class names or a file path"
+            require(isinstance(names, (str, list)) and len(names) >= 1, "label_names", usage)
+            if isinstance(names, list):
+                ok = all(
+                    isinstance(n, (str, int)) and not isinstance(n, bool) and str(n) != "" for n in names
+                )
+                require(ok, "label_names", "names must be non-empty strings")
+                require(len(set(map(str, names))) == len(names), "label_names", "names must be distinct")
+
+
+def _column(col: Any, field: str, positional: bool, what: str) -> None:
+    if positional:
+        require(_is_int(col) and col >= 0, field, f"must be {what}")
+    else:
+        require(isinstance(col, str) and col != "", field, f"must be {what}")
+
+
+def read_label_names(
+    names: list | str, base_dir: str | Path | None, field: str = "data.label_names"
+) -> list[str]:
+    """Class names from the recipe's list, or from a file holding one name per line (blank lines skipped)."""
+    if not isinstance(names, str):
+        return [str(n) for n in names]
+    path = check_path(names, base_dir, field, is_file=True)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{field}: {path}: cannot read ({err})") from None
+    found = [line for line in lines if line]
+    if not found:
+        raise DataError(f"{field}: {path}: no class names (expected one per line)")
+    if len(set(found)) != len(found):
+        raise DataError(f"{field}: {path}: class names must be distinct")
+    return found
 
 
 _OPTION_FIELDS = set().union(*OPTIONS.values())
@@ -169,6 +243,8 @@ def load_data(
     for field in ("test_path", "val_path"):
         if field in kwargs:
             kwargs[field] = check_path(kwargs[field], base_dir, f"{prefix}.{field}", is_file=True)
+    if "label_names" in kwargs:
+        kwargs["label_names"] = read_label_names(kwargs["label_names"], base_dir, f"{prefix}.label_names")
     if config.path is None:
         return LOADERS[config.name](**kwargs)
     path = check_path(config.path, base_dir, f"{prefix}.path", config.name in FILE_PATHS)

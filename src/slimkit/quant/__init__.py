@@ -1,4 +1,4 @@
-"""Quantization: int8/int4, post-training (static, dynamic, weight-only RTN/GPTQ), QAT, mixed precision.
+"""Quantization: int8/int4, post-training (static, dynamic, weight-only RTN/GPTQ/AWQ), QAT, mixed precision.
 
 Typical use::
 
@@ -18,6 +18,7 @@ table (:mod:`slimkit.quant.method`); :func:`method_names` lists them.
 from slimkit.quant.api import calibrate, convert_, prepare_, quantize_, unprepare_
 from slimkit.quant.callback import QATCallback
 from slimkit.quant.config import (
+    AWQConfig,
     BF16Config,
     Int8DynamicConfig,
     Int8StaticConfig,
@@ -32,6 +33,7 @@ from slimkit.quant.serialize import load_quantized, save_quantized
 from slimkit.quant.summary import QuantSummary
 
 __all__ = [
+    "AWQConfig",
     "BF16Config",
     "Int8DynamicConfig",
     "Int8StaticConfig",

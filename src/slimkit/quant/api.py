@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import slimkit.quant.methods  # noqa: F401  (registers the built-in methods)
-from slimkit.batch import Forward, default_forward
+from slimkit.batch import Forward, default_forward, describe_batch
 from slimkit.errors import ConfigError, DataError, ModelError
 from slimkit.quant.base import as_config
 from slimkit.quant.builders import build_layer
@@ -127,14 +127,7 @@ def _restore_collectors(state: _State, saved: dict[str, dict[str, Any]]) -> None
         collectors.update(saved[name])
 
 
-def _describe(batch: Any) -> str:
-    if isinstance(batch, torch.Tensor):
-        return f"tensor of shape {tuple(batch.shape)}"
-    if isinstance(batch, dict):
-        return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return f"input of shape {tuple(batch[0].shape)}"
-    return type(batch).__name__
+_describe = describe_batch
 
 
 def convert_(model: nn.Module) -> QuantSummary:
@@ -237,8 +230,19 @@ def quantize_(
     needs = [c.method for c in (config, *config.overrides.values()) if c is not None and c.needs_calibration]
     if needs and calibration_data is None:
         raise ConfigError("calibration_data", f"{needs[0]} needs calibration batches")
+    method = method_for(config)
+    if needs and not method.trains and method.calibrates_by_block(config, model):
+        from slimkit.quant.sequential import quantize_by_block_
+
+        if is_prepared(model):
+            raise ModelError(
+                f"{type(model).__name__} is already prepared for quantization: call convert_ first"
+            )
+        return quantize_by_block_(
+            model, config, calibration_data, forward, max_batches, method.true_sequential(config)
+        )
     plan = prepare_(model, config)
-    if method_for(config).trains:
+    if method.trains:
         prepared = {n: "fake-quantized (QAT)" for n in plan.layers}
         return QuantSummary(config.method, skipped=dict(plan.skipped), prepared=prepared)
     try:

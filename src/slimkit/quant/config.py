@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from slimkit.quant.base import WEIGHT_OBSERVERS, QuantConfig, as_config, config_from_dict
 from slimkit.quant.method import method_named, method_names
 from slimkit.quant.methods import (
+    AWQConfig,
     BF16Config,
     Int8DynamicConfig,
     Int8StaticConfig,
@@ -41,6 +42,7 @@ METHODS: Mapping[str, type] = _MethodConfigs()
 __all__ = [
     "METHODS",
     "WEIGHT_OBSERVERS",
+    "AWQConfig",
     "BF16Config",
     "Int8DynamicConfig",
     "Int8StaticConfig",

@@ -38,17 +38,30 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, spec: QSpec, damp: float = 0.01, block_size: int = 128
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, scales and zero points of ``weight`` (``[N, K]``) shaped as for :func:`quantize_tensor`."""
+    """Codes, scales and zero points of ``weight`` (``[N, K]``) shaped as for :func:`quantize_tensor`.
+
+    ``act_order``: columns are quantized in order of decreasing Hessian diagonal.
+    With groups, each group's scale and zero point are then fixed beforehand
+    from the float weights of the group in storage order ("static groups"), so
+    the stored layout is the same as without it.
+    """
     w = weight.detach().double().clone()
     n_out, k = w.shape
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0  # inputs that are always zero: their columns do not matter
     w[:, dead] = 0.0
-    hinv = _inverse_cholesky(h, damp)
     group = spec.group_size if spec.granularity == "group" else None
+    if act_order:
+        return _gptq_act_order(w, h, spec, damp, block_size, group)
+    hinv = _inverse_cholesky(h, damp)
     if group:
         block_size = max(group, block_size // group * group)  # groups never straddle blocks
     col_spec = QSpec(spec.bits, spec.symmetric, "channel", 0)
@@ -79,6 +92,52 @@ def gptq_quantize(
     if group:
         return codes, torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
     return codes, scale, zero
+
+
+def _gptq_act_order(
+    w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float, block_size: int, group: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_out, k = w.shape
+    col_spec = QSpec(spec.bits, spec.symmetric, "channel", 0)
+    if group:
+        g_params = [
+            qparams(*minmax(w[:, g : g + group].float(), col_spec), col_spec) for g in range(0, k, group)
+        ]
+        scale = torch.stack([s for s, _ in g_params], dim=1)
+        zero = torch.stack([z for _, z in g_params], dim=1)
+    else:
+        scale, zero = qparams(*minmax(w.float(), spec), spec)
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    hinv = _inverse_cholesky(h, damp)
+
+    def params(col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if group:
+            g = int(perm[col]) // group
+            return scale[:, g], zero[:, g]
+        if spec.granularity == "tensor":
+            return scale.expand(n_out), zero.expand(n_out)
+        return scale, zero
+
+    codes = torch.zeros(n_out, k, dtype=torch.int8)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col_scale, col_zero = params(i1 + i)
+            col = w1[:, i].float()
+            q = quantize(col, col_scale, col_zero, col_spec)
+            codes[:, i1 + i] = q
+            err = (col - dequantize(q, col_scale, col_zero, col_spec)).double() / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out, scale, zero
 
 
 def layer_output_error(weight: torch.Tensor, dequantized: torch.Tensor, x: torch.Tensor) -> float:

@@ -81,6 +81,14 @@ class QuantMethod:
         """The final plan at ``convert_``; ``state`` holds ``plan``, ``collectors``, ``batches``, ``forward``."""
         return state.plan
 
+    def calibrates_by_block(self, config: Any, model: nn.Module) -> bool:
+        """Whether ``quantize_`` calibrates ``model`` one block at a time (``slimkit.quant.sequential``)."""
+        return False
+
+    def true_sequential(self, config: Any) -> bool:
+        """With block-by-block calibration: whether a block's layers are calibrated stage by stage."""
+        return False
+
     def weight_bytes(self, config: Any, module: nn.Module) -> float:
         """Estimated bytes of ``module``'s weight once quantized (codes and scales)."""
         return module.weight.numel() + 4.0 * module.weight.shape[0]

@@ -252,7 +252,11 @@ class Trainer:
         metrics = {
             "epoch": st["epoch"] + 1,
             "train_loss": loss_sum / max(samples, 1),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            # The recipe's base rate (as scheduled), not a group's scaled one: a fine-tuned head's
+            # rate (lr * head_lr_scale) is shown apart, labelled head_lr.
+            "lr": cfg.lr
+            * lr_factor(cfg, max(st["global_step"] - 1, 0), self.steps_per_epoch, self.total_steps),
+            **self._head_lr(),
             "samples_per_s": samples_per_s,
         }
         if evaluate is not None:
@@ -265,6 +269,13 @@ class Trainer:
         if cfg.progress:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch")
             tqdm.write(f"epoch {metrics['epoch']}/{cfg.epochs}: {shown}")
+
+    def _head_lr(self) -> dict[str, float]:
+        """``{"head_lr": ...}`` when a param group marked ``role: head`` runs at a scaled rate, else nothing."""
+        for group in self.optimizer.param_groups:
+            if group.get("role") == "head" and group.get("lr_scale", 1.0) != 1.0:
+                return {"head_lr": group["lr"]}
+        return {}
 
     def _track_best(self, metrics: dict) -> None:
         cfg, st = self.config, self.state

@@ -270,7 +270,7 @@ def train_multitask(
 def _groups(objective: MultiTaskObjective, weighting_scale: float, head_scale: float) -> list[dict]:
     return [
         {"params": list(objective.model.backbone.parameters()), "lr_scale": 1.0},
-        {"params": list(objective.model.heads.parameters()), "lr_scale": head_scale},
+        {"params": list(objective.model.heads.parameters()), "lr_scale": head_scale, "role": "head"},
         {"params": list(objective.weighting.parameters()), "lr_scale": weighting_scale, "weight_decay": 0.0},
     ]
 

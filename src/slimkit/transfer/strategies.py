@@ -68,11 +68,12 @@ def discriminative_groups(
     model: nn.Module, decay: float = 1.0, head_scale: float = 1.0, pattern: str | None = None
 ) -> list[dict]:
     """Optimizer param groups: the head at ``lr * head_scale``, encoder group ``k`` below the top at
-    ``lr * decay**k`` (the top block at ``lr``). The head comes first so that the logged lr is the base one.
+    ``lr * decay**k`` (the top block at ``lr``). The head's group is marked ``role: head``: the
+    trainer logs the base ``lr`` and, when scaled, the head's rate apart as ``head_lr``.
 
     Frozen parameters are included: gradual unfreezing turns them on later.
     """
-    groups = [{"params": head_parameters(model), "lr_scale": head_scale}]
+    groups = [{"params": head_parameters(model), "lr_scale": head_scale, "role": "head"}]
     layers = layer_groups(backbone_of(model), pattern)
     for depth, params in enumerate(reversed(layers)):
         groups.append({"params": params, "lr_scale": decay**depth})

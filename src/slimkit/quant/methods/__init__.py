@@ -13,10 +13,12 @@ from slimkit.quant.methods.weight_only import WeightOnlyConfig
 from slimkit.quant.methods.qat import QATConfig
 from slimkit.quant.methods.bf16 import BF16Config
 from slimkit.quant.methods.mixed import MixedPrecisionConfig
+from slimkit.quant.methods.awq import AWQConfig
 
 # isort: on
 
 __all__ = [
+    "AWQConfig",
     "BF16Config",
     "Int8DynamicConfig",
     "Int8StaticConfig",

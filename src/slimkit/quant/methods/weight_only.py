@@ -25,6 +25,15 @@ class WeightOnlyConfig(QuantConfig):
 
     ``algorithm``: ``rtn`` (round to nearest) or ``gptq`` (Hessian-based error
     compensation on calibration data, Frantar et al. 2022).
+
+    GPTQ options: ``act_order`` quantizes columns in order of decreasing
+    Hessian diagonal (the inputs with the most energy first; groups keep their
+    storage order, so the kernel layout is unchanged); ``sequential`` calibrates
+    a model with a stack of repeated blocks one block at a time, each block on
+    the outputs of the blocks already quantized, holding one block's inputs
+    (null: on for causal language models); ``true_sequential`` also takes a
+    block's layers in stages (attention q/k/v, output projection, MLP in,
+    MLP out), each calibrated on the quantized stages before it.
     """
 
     bits: int = 4
@@ -33,6 +42,9 @@ class WeightOnlyConfig(QuantConfig):
     symmetric: bool = True
     damp: float = 0.01
     block_size: int = 128
+    act_order: bool = False
+    sequential: bool | None = None
+    true_sequential: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,10 +105,28 @@ class WeightOnly(QuantMethod):
         else:
             spec = QSpec(4, config.symmetric, "group", 0, config.group_size)
         if "hessian" in collectors:
-            q, scale, zero = gptq_quantize(w2d, collectors["hessian"].h, spec, config.damp, config.block_size)
+            q, scale, zero = gptq_quantize(
+                w2d, collectors["hessian"].h, spec, config.damp, config.block_size, config.act_order
+            )
         else:
             q, scale, zero = quantize_tensor(w2d, spec)
         return WeightOnlyLinear.from_float(module, q, scale, zero, config.bits, config.group_size)
+
+    def calibrates_by_block(self, config: WeightOnlyConfig, model: nn.Module) -> bool:
+        if config.algorithm != "gptq" or config.sequential is False:
+            return False
+        from slimkit.quant.sequential import block_list
+
+        if block_list(model) is None:
+            return False
+        if config.sequential is None:
+            from slimkit.models.causal_lm import is_causal_lm
+
+            return is_causal_lm(model)
+        return True
+
+    def true_sequential(self, config: WeightOnlyConfig) -> bool:
+        return config.true_sequential
 
     def weight_bytes(self, config: WeightOnlyConfig, module: nn.Module) -> float:
         if config.bits == 4:
