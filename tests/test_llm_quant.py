@@ -11,6 +11,7 @@ from slimkit.errors import DataError
 from slimkit.quant import AWQConfig, WeightOnlyConfig, quantize_
 from slimkit.quant.affine import QSpec, dequantize, quantize_tensor
 from slimkit.quant.gptq import HessianAccumulator, gptq_quantize, layer_output_error
+from slimkit.quant.kernels import int4_compute_dtype
 from slimkit.quant.method import method_for
 from slimkit.quant.methods.awq import AWQLinear
 from slimkit.quant.modules import WeightOnlyLinear
@@ -172,8 +173,9 @@ def test_awq_beats_rtn_on_a_tiny_llama_layer_output(layer_name):
         ref = x @ w.t()
         err_rtn = _mse(rtn.get_submodule(f"model.layers.1.{layer_name}")(x), ref)
         err_awq = _mse(quantized(x), ref)
+        tol = 1e-4 if int4_compute_dtype() == torch.float32 else 2e-2  # bf16 activations where fast
         assert torch.allclose(
-            quantized(x), x @ quantized.weight().t(), atol=1e-4
+            quantized(x), x @ quantized.weight().t(), atol=tol
         )  # weight() is what it applies
     assert err_awq < 0.9 * err_rtn  # measured: 0.87 (q_proj), below 0.8 (gate_proj) of the RTN error
     assert _mse(_logits(awq, _batches(2, 1)), _logits(model, _batches(2, 1))) < _mse(

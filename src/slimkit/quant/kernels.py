@@ -14,7 +14,12 @@ so that only the GEMM itself runs on integers.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+
+from slimkit.utils.cpu import capability
 
 _EPS = 1e-12
 
@@ -166,16 +171,33 @@ def int4_kernel_weight(q_signed: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu((q_signed.to(torch.int32) + 8).contiguous(), 1)
 
 
+INT4_COMPUTE_ENV = "SLIMKIT_INT4_COMPUTE"  # bf16 | fp32: override the choice below
+
+
+@functools.lru_cache(maxsize=1)
+def int4_compute_dtype() -> torch.dtype:
+    """What the int4 kernel computes in. Why: ``_weight_int4pack_mm_for_cpu`` has a fast path for
+    bfloat16 activations and scales only; with float32 it ran 10-70x slower than a float32 Linear on
+    an AVX-512 BF16 CPU (576->1536, one token: 0.83 ms against 0.05 ms in bf16 and 0.08 ms fp32).
+    bf16 activations add about 0.4% relative error, far below int4's own. CPUs without native bf16
+    (AVX2 only) keep float32, where bf16 itself is slow."""
+    chosen = os.environ.get(INT4_COMPUTE_ENV, "").lower()
+    if chosen in ("bf16", "fp32"):
+        return torch.bfloat16 if chosen == "bf16" else torch.float32
+    return torch.bfloat16 if "avx512_bf16" in capability()["flags"] else torch.float32
+
+
 def int4_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """``[K/g, N, 2]`` table for ``w = (u - 8) * s + zf``; our ``w = (q - z) * s`` with ``u = q + 8`` gives ``zf = -z * s``."""
     zf = -zero.float() * scale
-    return torch.stack([scale.float(), zf], dim=-1).transpose(0, 1).contiguous()
+    table = torch.stack([scale.float(), zf], dim=-1).transpose(0, 1).contiguous()
+    return table.to(int4_compute_dtype())
 
 
 def int4_weight_only_linear(
     x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor
 ) -> torch.Tensor:
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float().contiguous()
+    x2 = x.reshape(-1, shape[-1]).to(scales_zeros.dtype).contiguous()
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros)
     return out.reshape(*shape[:-1], -1).to(x.dtype)
