@@ -37,27 +37,20 @@ def tiny_tokenizer():
 def tiny_config(kind: str, vocab_size: int, positions: int = 128):
     import transformers
 
-    if kind == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
-        return transformers.LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=positions,
-            tie_word_embeddings=True,
-        )
+    # grouped-query attention: 4 query heads share 2 key/value heads
+    shared = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+    )
+    if kind == "llama":
+        return transformers.LlamaConfig(**shared, tie_word_embeddings=True)
     if kind == "qwen2":
-        return transformers.Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=positions,
-        )
+        return transformers.Qwen2Config(**shared)
     if kind == "gpt2":
         return transformers.GPT2Config(
             vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=positions

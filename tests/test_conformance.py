@@ -46,18 +46,11 @@ def build(name: str, seed: int = 0) -> nn.Module:
     if name == "cnn":
         return DigitsCNN(width=8, dropout=0.0).eval()
     if name == "llama":  # a decoder with grouped-query attention (4 query heads share 2 KV heads)
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        return LlamaForCausalLM(config).eval()
+        from tests.llm_helpers import tiny_config
+
+        return LlamaForCausalLM(tiny_config("llama", vocab_size=256, positions=64)).eval()
     from transformers import BertConfig, BertModel
 
     config = BertConfig(

@@ -23,7 +23,7 @@ import slimkit.quant.methods  # noqa: F401  (registers the built-in methods)
 from slimkit.batch import Forward, default_forward, describe_batch
 from slimkit.errors import ConfigError, DataError, ModelError
 from slimkit.quant.base import as_config
-from slimkit.quant.builders import build_layer
+from slimkit.quant.builders import build_layer, require_fed
 from slimkit.quant.fold import conv_bn_pairs, folded_conv
 from slimkit.quant.method import method_for
 from slimkit.quant.modules import FoldedBatchNorm
@@ -134,11 +134,7 @@ def convert_(model: nn.Module) -> QuantSummary:
     """Replace the prepared layers by quantized ones; returns what was done (see :class:`QuantSummary`)."""
     state = _require_state(model)
     plan = method_for(state.config).refine_plan(state.config, model, state)
-    missing = [n for n, c in state.collectors.items() if n in plan.layers and _empty(c)]
-    if missing:
-        raise DataError(
-            f"layers saw no input during calibration: {', '.join(missing[:5])} (run calibrate first)"
-        )
+    require_fed({n: c for n, c in state.collectors.items() if n in plan.layers}, " (run calibrate first)")
     folds = _batchnorm_folds(model, state, plan)
     source = {name: folds[name][0] if name in folds else get_module(model, name) for name in plan.layers}
     new = {
@@ -188,10 +184,6 @@ def _batchnorm_folds(model: nn.Module, state: _State, plan: Plan) -> dict[str, t
 
 def _takes_folded_conv(cfg: Any) -> bool:
     return cfg is not None and cfg != EMBEDDING_CONFIG and method_for(cfg).takes_folded_conv
-
-
-def _empty(collectors: dict[str, Any]) -> bool:
-    return any(getattr(c, "batches", 1) == 0 or getattr(c, "n", 1) == 0 for c in collectors.values())
 
 
 def _detach(model: nn.Module, state: _State) -> None:

@@ -68,8 +68,31 @@ def gptq_quantize(
     scales, zeros = [], []
     if not group:
         scale, zero = qparams(*minmax(w.float(), spec), spec)
-        col_scale = scale.expand(n_out) if spec.granularity == "tensor" else scale
-        col_zero = zero.expand(n_out) if spec.granularity == "tensor" else zero
+        fixed = (scale.expand(n_out), zero.expand(n_out)) if spec.granularity == "tensor" else (scale, zero)
+    current = {}
+
+    def params(col: int, w1: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not group:
+            return fixed
+        if col % group == 0:  # a group's scales come from its columns as the errors left them
+            current["p"] = qparams(*minmax(w1[:, i : i + group].float(), col_spec), col_spec)
+            scales.append(current["p"][0])
+            zeros.append(current["p"][1])
+        return current["p"]
+
+    codes = _sweep(w, hinv, block_size, col_spec, params)
+    if group:
+        return codes, torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
+    return codes, scale, zero
+
+
+def _sweep(w: torch.Tensor, hinv: torch.Tensor, block_size: int, col_spec: QSpec, params) -> torch.Tensor:
+    """GPTQ's column sweep: quantize each column, spread its error over the columns not yet quantized.
+
+    ``params(col, w1, i)`` gives the column's scale and zero point (``w1`` is the current block,
+    ``i`` the column's index in it). ``w`` is updated in place.
+    """
+    n_out, k = w.shape
     codes = torch.zeros(n_out, k, dtype=torch.int8)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -77,11 +100,7 @@ def gptq_quantize(
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            if group and (i1 + i) % group == 0:
-                g_spec = QSpec(spec.bits, spec.symmetric, "channel", 0)
-                col_scale, col_zero = qparams(*minmax(w1[:, i : i + group].float(), g_spec), g_spec)
-                scales.append(col_scale)
-                zeros.append(col_zero)
+            col_scale, col_zero = params(i1 + i, w1, i)
             col = w1[:, i].float()
             q = quantize(col, col_scale, col_zero, col_spec)
             codes[:, i1 + i] = q
@@ -89,9 +108,7 @@ def gptq_quantize(
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    if group:
-        return codes, torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
-    return codes, scale, zero
+    return codes
 
 
 def _gptq_act_order(
@@ -112,29 +129,15 @@ def _gptq_act_order(
     h = h[perm][:, perm]
     hinv = _inverse_cholesky(h, damp)
 
-    def params(col: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if group:
+    def params(col: int, _w1: torch.Tensor, _i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if group:  # scales fixed in advance, per original column group
             g = int(perm[col]) // group
             return scale[:, g], zero[:, g]
         if spec.granularity == "tensor":
             return scale.expand(n_out), zero.expand(n_out)
         return scale, zero
 
-    codes = torch.zeros(n_out, k, dtype=torch.int8)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col_scale, col_zero = params(i1 + i)
-            col = w1[:, i].float()
-            q = quantize(col, col_scale, col_zero, col_spec)
-            codes[:, i1 + i] = q
-            err = (col - dequantize(q, col_scale, col_zero, col_spec)).double() / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    codes = _sweep(w, hinv, block_size, col_spec, params)
     out = torch.empty_like(codes)
     out[:, perm] = codes
     return out, scale, zero

@@ -41,7 +41,7 @@ from torch import nn
 from slimkit.batch import Forward, default_forward, describe_batch
 from slimkit.errors import DataError
 from slimkit.models.blocks import find_layer_list
-from slimkit.quant.builders import build_layer
+from slimkit.quant.builders import build_layer, require_fed
 from slimkit.quant.method import method_for
 from slimkit.quant.plan import Plan, build_plan, get_module, layer_method, set_module
 from slimkit.quant.summary import QuantSummary
@@ -97,10 +97,6 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
-
-
-def _empty(collectors: dict[str, Any]) -> bool:
-    return any(getattr(c, "batches", 1) == 0 or getattr(c, "n", 1) == 0 for c in collectors.values())
 
 
 def _capture_block_inputs(
@@ -260,9 +256,7 @@ def _calibrate_stage(model, block, stage, plan, inputs, put, stop: bool) -> None
     finally:
         for handle in handles:
             handle.remove()
-    missing = [n for n in stage if _empty(collectors[n])]
-    if missing:
-        raise DataError(f"layers saw no input during calibration: {', '.join(missing[:5])}")
+    require_fed({n: collectors[n] for n in stage})
     for name in stage:
         put(name, build_layer(get_module(model, name), plan.layers[name], collectors[name]))
 
@@ -294,9 +288,7 @@ def _calibrate_outside(model, names, plan, batches, forward, put) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    missing = [n for n in names if _empty(collectors[n])]
-    if missing:
-        raise DataError(f"layers saw no input during calibration: {', '.join(missing[:5])}")
+    require_fed({n: collectors[n] for n in names})
     for name in names:
         put(name, build_layer(get_module(model, name), plan.layers[name], collectors[name]))
 

@@ -120,6 +120,22 @@ def finetune(
     return FinetuneResult(model, result, trainable, _total(model), notes)
 
 
+def finetuned_structure(model: nn.Module, data: DataBundle, config: FinetuneConfig) -> nn.Module:
+    """What :func:`finetune` returns for these settings, untrained: a copy of ``model`` with its task head
+    (and LoRA adapters, merged or not), with the trainable flags the model came with. Weights saved from
+    a fine-tuned model load into it (``--resume`` rebuilds a finished finetune step this way)."""
+    out = with_head(copy.deepcopy(model), config.head, data, config.reset_head)
+    if config.strategy == "lora":
+        flags = {id(p): p.requires_grad for p in out.parameters()}
+        add_lora_(out, config.lora)
+        for p in out.parameters():  # finetune hands back the flags the model came with
+            p.requires_grad_(flags.get(id(p), p.requires_grad))
+        if config.lora.merge:
+            merge_lora_(out)
+    out.train(model.training)
+    return out
+
+
 def _load_task_weights(model: nn.Module, path: str) -> None:
     try:
         load_weights(model, path)

@@ -30,10 +30,9 @@ from torch import nn
 from slimkit.config import one_of, positive_int, require
 from slimkit.quant.affine import QSpec, dequantize, quantize_tensor
 from slimkit.quant.base import QuantConfig
-from slimkit.quant.codecs import Info, LayerCodec
 from slimkit.quant.method import QuantMethod, register_method
 from slimkit.quant.methods.weight_only import METHOD as WEIGHT_ONLY
-from slimkit.quant.methods.weight_only import WeightOnlyConfig
+from slimkit.quant.methods.weight_only import WeightOnlyConfig, weight_only_codec
 from slimkit.quant.modules import WeightOnlyLinear
 
 
@@ -134,23 +133,10 @@ def awq_search(
     return best, best_alpha
 
 
-def _describe(module: AWQLinear) -> Info:
-    return {
-        "in": module.in_features,
-        "out": module.out_features,
-        "bits": module.bits,
-        "group_size": module.group_size,
-    }
-
-
-def _rebuild(float_module: nn.Module, info: Info) -> nn.Module:
-    return AWQLinear(info["in"], info["out"], info["bits"], info["group_size"])
-
-
 class AWQ(QuantMethod):
     name = "awq"
     config_type = AWQConfig
-    codecs = (LayerCodec(AWQLinear, _rebuild, _describe),)
+    codecs = (weight_only_codec(AWQLinear),)
 
     def supports(self, config: AWQConfig, module: nn.Module) -> str | None:
         if not isinstance(module, nn.Linear):

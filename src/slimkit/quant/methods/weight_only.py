@@ -67,23 +67,27 @@ class WeightOnlyConfig(QuantConfig):
         return self.algorithm == "gptq"
 
 
-def _describe(module: WeightOnlyLinear) -> Info:
-    return {
-        "in": module.in_features,
-        "out": module.out_features,
-        "bits": module.bits,
-        "group_size": module.group_size,
-    }
+def weight_only_codec(cls: type[WeightOnlyLinear]) -> LayerCodec:
+    """Save/load of ``cls`` (WeightOnlyLinear or a subclass built from the same four numbers)."""
 
+    def describe(module: WeightOnlyLinear) -> Info:
+        return {
+            "in": module.in_features,
+            "out": module.out_features,
+            "bits": module.bits,
+            "group_size": module.group_size,
+        }
 
-def _rebuild(float_module: nn.Module, info: Info) -> nn.Module:
-    return WeightOnlyLinear(info["in"], info["out"], info["bits"], info["group_size"])
+    def rebuild(float_module: nn.Module, info: Info) -> nn.Module:
+        return cls(info["in"], info["out"], info["bits"], info["group_size"])
+
+    return LayerCodec(cls, rebuild, describe)
 
 
 class WeightOnly(QuantMethod):
     name = "weight_only"
     config_type = WeightOnlyConfig
-    codecs = (LayerCodec(WeightOnlyLinear, _rebuild, _describe),)
+    codecs = (weight_only_codec(WeightOnlyLinear),)
 
     def supports(self, config: WeightOnlyConfig, module: nn.Module) -> str | None:
         if isinstance(module, nn.Linear) and config.bits == 4:

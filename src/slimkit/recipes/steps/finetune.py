@@ -14,7 +14,6 @@ model is scored on the recipe's data.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,8 +35,9 @@ from slimkit.recipes.steps.base import (
 from slimkit.recipes.steps.saving import SavedModel
 from slimkit.tasks import build_task
 from slimkit.train import TrainConfig
-from slimkit.transfer import FinetuneConfig, add_lora_, finetune, merge_lora_
-from slimkit.transfer.heads import data_outputs, with_head
+from slimkit.transfer import FinetuneConfig, finetune
+from slimkit.transfer.finetune import finetuned_structure
+from slimkit.transfer.heads import data_outputs
 
 
 def _settings(cls: type) -> list[str]:
@@ -87,15 +87,7 @@ def restore_finetune(ctx: RunContext, cfg: FinetuneStep, saved: SavedModel):
     config = cfg.finetune
     with under("finetune"):
         data, _ = _train_data(ctx, config)
-        model = with_head(copy.deepcopy(ctx.model), config.head, data, config.reset_head)
-    if config.strategy == "lora":
-        flags = {id(p): p.requires_grad for p in model.parameters()}
-        add_lora_(model, config.lora)
-        for p in model.parameters():  # finetune hands back the flags the model came with
-            p.requires_grad_(flags.get(id(p), p.requires_grad))
-        if config.lora.merge:
-            merge_lora_(model)
-    model.train(ctx.model.training)
+        model = finetuned_structure(ctx.model, data, config)
     return saved.load(model)
 
 
