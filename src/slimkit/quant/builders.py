@@ -14,11 +14,12 @@ from torch import nn
 
 from slimkit.errors import DataError
 from slimkit.quant.affine import QSpec, quantize, quantize_tensor
+from slimkit.quant.collectors import ChannelAbsMax
 from slimkit.quant.method import method_for
 from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quant.observers import make_observer
 from slimkit.quant.plan import EMBEDDING_CONFIG
-from slimkit.quant.smoothquant import ChannelAbsMax, smoothing_factors
+from slimkit.quant.smoothquant import smoothing_factors
 
 INT8_ROWS = QSpec(8, True, "channel", 0)
 

@@ -13,17 +13,6 @@ from __future__ import annotations
 import torch
 
 
-class ChannelAbsMax:
-    """Per-input-channel maximum of |x| over the calibration batches."""
-
-    def __init__(self, channels: int):
-        self.value = torch.zeros(channels)
-
-    def update(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float().abs().amax(dim=0)
-        self.value = torch.maximum(self.value, flat)
-
-
 def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """``s`` per input channel (1 where a channel never fired or has no weight)."""
     w_max = weight.detach().float().abs().amax(dim=0)

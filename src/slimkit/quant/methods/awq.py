@@ -30,6 +30,7 @@ from torch import nn
 from slimkit.config import one_of, positive_int, require
 from slimkit.quant.affine import QSpec, dequantize, quantize_tensor
 from slimkit.quant.base import QuantConfig
+from slimkit.quant.collectors import ActivationSample
 from slimkit.quant.method import QuantMethod, register_method
 from slimkit.quant.methods.weight_only import METHOD as WEIGHT_ONLY
 from slimkit.quant.methods.weight_only import WeightOnlyConfig, weight_only_codec
@@ -84,34 +85,6 @@ class AWQLinear(WeightOnlyLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", awq scales"
-
-
-class ActivationSample:
-    """Mean absolute value of each input channel, and a bounded, evenly spread sample of input rows."""
-
-    def __init__(self, in_features: int, rows: int):
-        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
-        self.n = 0
-        self.rows = rows
-        self.kept: list[torch.Tensor] = []
-        self.kept_n = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        self.abs_sum += x2.abs().sum(dim=0).double()
-        self.n += x2.shape[0]
-        room = self.rows - self.kept_n
-        if room > 0:
-            step = max(1, x2.shape[0] // room)
-            take = x2[::step][:room].clone()
-            self.kept.append(take)
-            self.kept_n += take.shape[0]
-
-    def mean_abs(self) -> torch.Tensor:
-        return (self.abs_sum / max(self.n, 1)).float()
-
-    def sample(self) -> torch.Tensor:
-        return torch.cat(self.kept)
 
 
 def awq_search(
