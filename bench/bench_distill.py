@@ -39,6 +39,7 @@ from slimkit.distill.students import MLP
 from slimkit.metrics import count_parameters
 from slimkit.train import Callback, TrainConfig, Trainer
 from slimkit.utils.io import write_json
+from slimkit.utils.sysinfo import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,6 +53,8 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def save(name: str, figures: dict, out: str | None = None) -> None:
+    figures["machine"] = machine_line()  # the CPU capability beside the load average, as every table
+    print(figures["machine"])
     path = Path(out) if out else RESULTS / f"distill_{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, figures)

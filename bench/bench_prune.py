@@ -14,11 +14,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +38,7 @@ from slimkit.prune import (
 )
 from slimkit.train import TrainConfig, Trainer
 from slimkit.utils.io import save_weights, write_json
+from slimkit.utils.sysinfo import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,16 +202,8 @@ def _args() -> argparse.Namespace:
 
 
 def machine() -> dict:
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    wanted = [f for f in ("avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return {
-        "cores": os.cpu_count(),
-        "cpu_flags": wanted,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    """The CPU capability beside the load average (slimkit's shared line), and the versions."""
+    return {"line": machine_line(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def main() -> None:
@@ -236,7 +226,8 @@ def main() -> None:
         texts.append(text + f"\n(run time {time.perf_counter() - start:.0f} s)")
         print(texts[-1] + "\n", flush=True)
         write_json(args.out, out)
-    print(f"machine: {out['machine']}\nresults written to {args.out}")
+    out["machine_after"] = machine_line()
+    print(f"{out['machine']['line']}\n{out['machine_after']}\nresults written to {args.out}")
 
 
 if __name__ == "__main__":

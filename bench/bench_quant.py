@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from benchlib import log, state_bytes
 
 from slimkit.data.text import read_stsb_file
 from slimkit.export.onnx import OrtModule, export_onnx, to_onnxruntime, with_padding
@@ -42,6 +41,7 @@ from slimkit.models.hf import minilm_path
 from slimkit.quant import Int8DynamicConfig, MixedPrecisionConfig, load_quantized, quantize_, save_quantized
 from slimkit.quant.sensitivity import plot_sensitivity
 from slimkit.utils.io import save_weights, write_json
+from slimkit.utils.sysinfo import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -88,10 +88,6 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def embed(run, batches, n: int) -> torch.Tensor:
     with torch.inference_mode():
         out = torch.cat([mean_pool(run(b), b["attention_mask"]) for b in batches])
@@ -103,13 +99,6 @@ def torch_runner(model):
         return model(**b).last_hidden_state.float()
 
     return run
-
-
-def state_bytes(obj) -> int:
-    """Bytes of a state dict written with torch.save (for formats safetensors cannot hold)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getbuffer().nbytes
 
 
 def build_peers(model, example, tmp: Path, rows: dict) -> None:
@@ -342,6 +331,7 @@ def print_minilm(res: dict) -> None:
             f"{r['cos_to_fp32']:9.4f} {r['stsb_spearman']:7.2f}  {r['note']}"
         )
     print({k: v for k, v in res["info"].items() if k not in ("sensitivity", "mixed_trace")})
+    print(machine_line())
 
 
 def main() -> None:
@@ -362,6 +352,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result: dict = {"threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result["machine_before"] = machine_line()
     if args.part in ("minilm", "all"):
         result["minilm"] = minilm(args)
         print_minilm(result["minilm"])
@@ -370,6 +361,7 @@ def main() -> None:
     if args.part in ("cnn", "all"):
         result["cnn"] = cnn(args)
         print("LeNet-5 MNIST accuracy (%):", json.dumps(result["cnn"]))
+    result["machine_after"] = machine_line()
     write_json(args.out, result)
     print(json.dumps(result, indent=1, default=str))
 

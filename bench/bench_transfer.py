@@ -47,6 +47,7 @@ from slimkit.transfer import (
     train_multitask,
 )
 from slimkit.transfer.finetune import few_shot
+from slimkit.utils.sysinfo import machine_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOMAINS = ("yelp", "amazon", "imdb")
@@ -63,6 +64,8 @@ def print_table(title: str, headers: list[str], rows: list[list]) -> None:
 
 
 def write(part: str, figures: dict) -> None:
+    figures["machine"] = machine_line()  # the CPU capability beside the load average, as every table
+    print(figures["machine"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"transfer_{part}.json").write_text(json.dumps(figures, indent=2) + "\n")
 

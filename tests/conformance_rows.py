@@ -44,10 +44,11 @@ class Row:
     pure: tuple[Callable, ...] = ()  # non-_ functions (model, inputs) that must not change the model
     text_step: bool = False  # the step needs a text model and data (tiny BERT + a toy CSV)
     changes_model: bool = True
+    variant: str = ""  # a second row of the same method (another setting worth checking end to end)
 
     @property
     def id(self) -> str:
-        return f"{self.family}/{self.method}"
+        return f"{self.family}/{self.method}" + (f"[{self.variant}]" if self.variant else "")
 
 
 def _measure(model: nn.Module, inputs) -> None:
@@ -96,7 +97,16 @@ def _gradual(model, name, example):
 
 
 def _structured(model, name, example):
-    prune.prune_(model, prune.StructuredConfig(ratio=0.25, importance="l1"), example_inputs=example(name))
+    # on the Llama: FFN neurons and one of its two key/value groups (with the query heads sharing it)
+    gqa = {"gqa": "groups", "head_ratio": 0.5} if name == "llama" else {}
+    prune.prune_(
+        model, prune.StructuredConfig(ratio=0.25, importance="l1", **gqa), example_inputs=example(name)
+    )
+    return model
+
+
+def _depth(model, name, example):
+    prune.prune_(model, prune.DepthConfig(blocks=1, importance="angular"), example_inputs=example(name))
     return model
 
 
@@ -118,10 +128,16 @@ PRUNE_ROWS = [
         (lambda: prune.GradualConfig(final_sparsity=1.0), "final_sparsity"),
         {"type": "prune", "gradual": {"final_sparsity": 0.5, "end_step": 20, "frequency": 5},
          "train": {"epochs": 1, "lr": 0.001, "progress": False}}, pure=(_analyze, _measure)),
-    Row("prune", "structured", ("mlp", "cnn", "bert"), _structured, 0.8, prune.save_pruned,
+    Row("prune", "structured", ("mlp", "cnn", "bert", "llama"), _structured, 0.8, prune.save_pruned,
         lambda fresh, path, _n: prune.load_pruned(fresh, path),
         (lambda: prune.StructuredConfig(ratio=1.5), "ratio"),
         {"type": "prune", "structured": {"ratio": 0.25, "importance": "l1"}}, pure=(_analyze, _measure)),
+    # one of two random blocks dropped: a large change by design (recovery is distillation's job)
+    Row("prune", "depth", ("bert", "llama"), _depth, 1.0, prune.save_pruned,
+        lambda fresh, path, _n: prune.load_pruned(fresh, path),
+        (lambda: prune.DepthConfig(ratio=1.0), "ratio"),
+        {"type": "prune", "depth": {"blocks": 1, "importance": "angular"}, "calibration_samples": 16},
+        pure=(_measure,), text_step=True),
 ]  # fmt: skip
 
 # -- quantization -----------------------------------------------------------------------------
@@ -149,6 +165,22 @@ def _qat(model, name, example):
     return model
 
 
+def _codebook(model, name, example):
+    """Shared weights: prepare (k-means), one centroid fine-tuning step at a tiny rate, convert."""
+    from slimkit.batch import first_output
+
+    quant.prepare_(model, quant.CodebookConfig(bits=6))
+    x = example(name, 16, 2)
+    first_output(model(**x) if isinstance(x, dict) else model(x)).float().pow(2).mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-6 * p.grad.sign()
+    model.zero_grad(set_to_none=True)
+    quant.convert_(model)
+    return model
+
+
 def _quant_load(fresh: nn.Module, path: Path, _name: str) -> nn.Module:
     return quant.load_quantized(fresh, path)
 
@@ -162,6 +194,11 @@ QUANT_ROWS = [
     _quant_row("int8_dynamic", ("mlp", "cnn", "bert", "llama"), _quantize(quant.Int8DynamicConfig), 0.05,
                (lambda: quant.Int8DynamicConfig(activation_granularity="row"), "activation_granularity"),
                {"type": "quantize", "int8_dynamic": {}}),
+    _quant_row("int8_dynamic", ("mlp", "cnn", "bert", "llama"),
+               _quantize(lambda: quant.Int8DynamicConfig(smoothquant=True, smoothquant_alpha="auto"), True), 0.05,
+               (lambda: quant.Int8DynamicConfig(smoothquant=True, smoothquant_alpha="best"), "smoothquant_alpha"),
+               {"type": "quantize", "int8_dynamic": {"smoothquant": True, "smoothquant_alpha": "auto"},
+                "calibration_samples": 64}, variant="smoothquant_auto"),
     _quant_row("int8_static", ("mlp", "cnn", "bert", "llama"), _quantize(quant.Int8StaticConfig, True), 0.1,
                (lambda: quant.Int8StaticConfig(activation_observer="best"), "activation_observer"),
                {"type": "quantize", "int8_static": {}, "calibration_samples": 64}),
@@ -175,6 +212,9 @@ QUANT_ROWS = [
                {"type": "quantize", "awq": {"group_size": 32}}),
     _quant_row("qat", ("mlp", "cnn"), _qat, 0.1, (lambda: quant.QATConfig(weight_bits=3), "weight_bits"),
                {"type": "quantize", "qat": {}, "train": {"epochs": 1, "lr": 0.0001, "progress": False}}),
+    _quant_row("codebook", ("mlp", "cnn", "bert", "llama"), _codebook, 0.1,
+               (lambda: quant.CodebookConfig(bits=9), "bits"),
+               {"type": "quantize", "codebook": {"bits": 5}, "train": {"epochs": 1, "lr": 0.0001, "progress": False}}),
     _quant_row("bf16", ("mlp", "cnn", "bert", "llama"), _quantize(quant.BF16Config), 0.02,
                (lambda: quant.BF16Config(include=[]), "include"), {"type": "quantize", "bf16": {}}),
     _quant_row("mixed", ("mlp", "cnn", "bert", "llama"),

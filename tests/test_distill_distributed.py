@@ -7,9 +7,6 @@ write the student's weights and the training history, which must agree within fl
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from slimkit.distill import DistillationCallback, DistillConfig
 from slimkit.train import TrainConfig, Trainer
 from slimkit.train.distributed import current, is_main_process
 from slimkit.utils.io import load_weights_file, save_weights
+from tests.torchrun_helpers import run_worker, torchrun
 
 
 def _problem():
@@ -55,27 +53,11 @@ def _worker(out: Path) -> None:
         (out / "result.json").write_text(json.dumps(info))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(args: list[str], out: Path) -> None:
-    out.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.run([*args, __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def test_two_process_ddp_matches_single_process(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    port = _free_port()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    _run(torchrun, tmp_path / "ddp")
-    _run([sys.executable], tmp_path / "single")
+    run_worker(torchrun(2), __file__, tmp_path / "ddp")
+    run_worker([sys.executable], __file__, tmp_path / "single")
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
     single = json.loads((tmp_path / "single" / "result.json").read_text())
     assert ddp["world"] == 2 and single["world"] == 1

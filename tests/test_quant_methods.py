@@ -102,8 +102,11 @@ def test_a_registered_method_quantizes_saves_and_loads(tmp_path):
         config_from_dict({"method": "fp16_roundtrip"})
 
 
+BUILT_IN = ["int8_dynamic", "int8_static", "weight_only", "qat", "bf16", "mixed", "awq", "codebook"]
+
+
 def test_the_method_table_refuses_duplicates():
-    assert method_names() == ["int8_dynamic", "int8_static", "weight_only", "qat", "bf16", "mixed", "awq"]
+    assert method_names() == BUILT_IN
     with registered(HalfMethod()):
         with pytest.raises(ValueError, match="'fp16_roundtrip' is already registered"):
             register_method(HalfMethod())
@@ -122,7 +125,7 @@ def test_the_method_table_refuses_duplicates():
     rival.codecs = (LayerCodec(BF16Linear, lambda float_module, info: BF16Linear(1, 1)),)
     with pytest.raises(ValueError, match="another codec is registered for layer class BF16Linear"):
         register_method(rival)
-    assert method_names() == ["int8_dynamic", "int8_static", "weight_only", "qat", "bf16", "mixed", "awq"]
+    assert method_names() == BUILT_IN
 
 
 _NO_FORM = "layers have no ONNX Runtime form; use int8_dynamic or weight_only"

@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--step", help="the step whose model to use (only the last step's model is saved)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (default: 64)")
+    info = sub.add_parser(
+        "info",
+        parents=[common],
+        help="print the CPU's features, library versions and the kernel each path will use",
+        description="The processor, thread count, library versions and, per compute path (int8, "
+        "int4/int8 weight-only, bf16, ONNX Runtime int8), the kernel chosen on this machine and why.",
+    )
+    info.add_argument("--json", action="store_true")
     return p
 
 
@@ -221,6 +229,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         return _print_report(args)
+    if args.command == "info":
+        from slimkit.utils.sysinfo import info, info_text
+
+        print(json.dumps(info(), indent=2) if args.json else info_text())
+        return 0
     if args.command == "generate":
         from slimkit.recipes.generate import generate_text
 

@@ -22,6 +22,7 @@ exports a graph that ignores padding.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import nn
 
 from slimkit.batch import first_output
 from slimkit.errors import ModelError
+from slimkit.utils import dispatch
 from slimkit.utils.io import atomic_path
 
 
@@ -210,6 +212,65 @@ def share_input_quantization(path: str | os.PathLike) -> int:
     return len(replaced)
 
 
+# Input positions of the int8 weights, their scales and zero points in ONNX Runtime's int8 MatMuls.
+_WEIGHT_INPUTS = {"DynamicQuantizeMatMul": (1, 2, 3), "MatMulIntegerToFloat": (1, 3, 5)}
+
+
+def adapt_int8_weights(path: str | os.PathLike, mode: str | None = None) -> int:
+    """Rewrite the int8 MatMuls' weights for the CPU's GEMM (``mode``: :func:`dispatch.ort_int8`'s).
+
+    Why: without VNNI, ONNX Runtime's u8 x s8 GEMM adds pairs of products in int16 with
+    saturation, which cost STS-B points on an AVX2 machine. ``reduce_range`` (ORT's documented
+    fix) halves the codes to 7 bits (scale doubled), so no pair can saturate; ``u8u8`` stores the
+    same codes as unsigned with zero point 128 (exact, on a slower kernel); ``u8s8`` leaves the
+    graph as it is. Returns the number of MatMuls rewritten.
+    """
+    mode = mode or dispatch.ort_int8().kernel
+    if mode == "u8s8":
+        return 0
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    consts = {t.name: t for t in model.graph.initializer}  # and the exporter's Constant nodes:
+    consts.update({n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"})
+    done, replaced = 0, set()
+    for node in model.graph.node:
+        where = _WEIGHT_INPUTS.get(node.op_type) if node.domain == "com.microsoft" else None
+        names = [node.input[i] for i in where] if where and len(node.input) > max(where) else []
+        if not names or not all(n in consts for n in names):
+            continue
+        b, scale, zero = (numpy_helper.to_array(consts[n]) for n in names)
+        if b.dtype != np.int8:
+            continue
+        if mode == "reduce_range":
+            b, scale = np.clip(np.round(b / 2.0), -64, 64).astype(np.int8), (scale * 2).astype(scale.dtype)
+        else:  # u8u8: the same codes, shifted
+            b, zero = ((a.astype(np.int16) + 128).astype(np.uint8) for a in (b, zero))
+        for i, value in zip(where, (b, scale, zero)):
+            name = f"{node.name or node.output[0]}_{mode}_{i}"
+            model.graph.initializer.append(numpy_helper.from_array(value, name))
+            replaced.add(node.input[i])
+            node.input[i] = name
+        done += 1
+    _drop_unused(model, replaced)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return done
+
+
+def _drop_unused(model, names: set[str]) -> None:
+    """Remove the initializers and Constant nodes among ``names`` that nothing reads (ORT warns of each)."""
+    used = {n for node in model.graph.node for n in node.input}
+    unused = names - used - {o.name for o in model.graph.output}
+    nodes = [n for n in model.graph.node if not (n.op_type == "Constant" and n.output[0] in unused)]
+    inits = [t for t in model.graph.initializer if t.name not in unused]
+    del model.graph.node[:], model.graph.initializer[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
+
+
 def ort_session(path: str | os.PathLike, threads: int = 2):
     import onnxruntime as ort
 
@@ -265,6 +326,9 @@ def to_onnxruntime(
 
     export_onnx(model, example_inputs, path, output_fn)
     share_input_quantization(path)
+    choice = dispatch.ort_int8()
+    if adapt_int8_weights(path, choice.kernel):
+        logging.getLogger("slimkit.export").info("export: int8 weights for %s", choice.line())
     counts = {"params": count_parameters(model), "nonzero": count_nonzero(model)}
     return OrtModule(path, threads, counts)
 

@@ -5,6 +5,7 @@ Lower-level pieces (``eval_mode``, ``fixed_threads``, ``file_size``, ``predictio
 ``.model`` and ``.task``.
 """
 
+from slimkit.metrics.memory import PeakRSS, rss_bytes
 from slimkit.metrics.model import (
     MemoryStats,
     count_macs,
@@ -26,6 +27,7 @@ __all__ = [
     "LatencyComparison",
     "LatencyStats",
     "MemoryStats",
+    "PeakRSS",
     "accuracy",
     "compare_latency",
     "count_macs",
@@ -37,6 +39,7 @@ __all__ = [
     "pearson",
     "peak_memory",
     "perplexity",
+    "rss_bytes",
     "saved_size",
     "spearman",
     "training_throughput",

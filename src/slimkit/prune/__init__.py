@@ -19,13 +19,17 @@ Structured (the model gets smaller and faster)::
     print(summary.table())
     save_pruned(model, "pruned.safetensors"); load_pruned(fresh_model, "pruned.safetensors")
 
+Decoder LLMs: ``StructuredConfig(gqa="groups")`` (or ``"heads"``) also prunes grouped-query
+attention; ``prune_(model, DepthConfig(blocks=8, importance="angular"), calibration=batches)`` drops
+whole blocks.
+
 ``analyze(model, example)`` lists every channel/head group and why a group is not prunable.
 A custom importance criterion is an :class:`Importance` subclass decorated with
 ``@register_importance("name")``; new layer types go in :mod:`slimkit.prune.slicers`.
 """
 
 from slimkit.prune.api import prune_
-from slimkit.prune.config import GradualConfig, MagnitudeConfig, StructuredConfig
+from slimkit.prune.config import DepthConfig, GradualConfig, MagnitudeConfig, StructuredConfig
 from slimkit.prune.importance import Importance, register_importance
 from slimkit.prune.masks import MaskCallback, Masks
 from slimkit.prune.sparse_io import load_pruned, load_sparse, load_sparse_file, save_pruned, save_sparse
@@ -34,6 +38,7 @@ from slimkit.prune.summary import PruneSummary
 from slimkit.prune.unstructured import GradualPruningCallback, finalize_, prune_iteratively_
 
 __all__ = [
+    "DepthConfig",
     "GradualConfig",
     "GradualPruningCallback",
     "Importance",

@@ -7,15 +7,16 @@ from typing import Any
 from torch import nn
 
 # Importing the handler modules registers their config types in the method table.
+import slimkit.prune.depth  # noqa: F401
 import slimkit.prune.structured  # noqa: F401
 import slimkit.prune.unstructured  # noqa: F401
-from slimkit.prune.config import GradualConfig, MagnitudeConfig, StructuredConfig
+from slimkit.prune.config import DepthConfig, GradualConfig, MagnitudeConfig, StructuredConfig
 from slimkit.prune.methods import handler_for
 from slimkit.prune.summary import PruneSummary
 
 
 def prune_(
-    model: nn.Module, config: MagnitudeConfig | GradualConfig | StructuredConfig, **kwargs: Any
+    model: nn.Module, config: MagnitudeConfig | GradualConfig | StructuredConfig | DepthConfig, **kwargs: Any
 ) -> PruneSummary:
     """Prune ``model`` in place with the method registered for ``config``'s type.
 
@@ -27,6 +28,8 @@ def prune_(
     * :class:`StructuredConfig` -> removes neurons/channels/heads; keyword
       arguments go to :func:`prune_structured_ <slimkit.prune.structured.prune_structured_>`
       (``calibration``, ``example_inputs``, ``forward``, ``loss_fn``, ``importance``).
+    * :class:`DepthConfig` -> drops whole decoder blocks, ranked on ``calibration``
+      (:func:`prune_depth_ <slimkit.prune.depth.prune_depth_>`: ``forward``, ``loss_fn``).
     """
     return handler_for(config)(model, config, **kwargs)
 

@@ -137,6 +137,10 @@ class StructuredConfig:
     ``global_ranking`` the channels of all groups compete in one ranking (scores
     normalised per group) and ``ratio`` is the overall fraction removed.
     ``include``/``exclude`` select groups by the names of their layers.
+    ``gqa`` prunes grouped-query attentions (Llama, Qwen2...; :mod:`slimkit.prune.attention`), whose
+    heads the traced graph leaves alone: ``groups`` removes ``floor(head_ratio x kv_heads)`` whole
+    key/value groups with their query heads, ``heads`` removes ``floor(head_ratio x heads per
+    group)`` query heads from every group; ``None`` leaves them.
     """
 
     ratio: float = 0.5
@@ -153,9 +157,13 @@ class StructuredConfig:
     round_to: int = 1
     calibration_batches: int = 8
     seed: int = 0
+    gqa: str | None = None  # "groups" or "heads"
 
     def __post_init__(self) -> None:
         in_range(self.ratio, "ratio", 0.0, 1.0, hi_open=True)
+        if self.gqa is not None:
+            one_of(self.gqa, "gqa", GQA_MODES)
+            require(self.prune_heads, "gqa", "prunes attention heads: needs prune_heads: true")
         if self.head_ratio is not None:
             in_range(self.head_ratio, "head_ratio", 0.0, 1.0, hi_open=True)
         require(isinstance(self.ratios, dict), "ratios", "must map layer-name patterns to ratios")
@@ -178,3 +186,37 @@ class StructuredConfig:
     @property
     def needs_calibration(self) -> bool:
         return importance_class(self.importance).needs_calibration
+
+
+GQA_MODES = ("groups", "heads")
+DEPTH_IMPORTANCES = ("angular", "perplexity")
+
+
+@dataclass
+class DepthConfig:
+    """Depth pruning: drop whole decoder blocks, the least important first (:mod:`slimkit.prune.depth`).
+
+    Exactly one of ``blocks`` (how many to drop) and ``ratio`` (the fraction of the blocks, rounded
+    down). ``importance``: ``angular``, ShortGPT's block influence, 1 - cos(h_in, h_out) averaged
+    over the calibration tokens (a block that barely turns the hidden state goes first); or
+    ``perplexity``, the increase of the calibration loss when that block alone is skipped.
+    """
+
+    blocks: int | None = None
+    ratio: float | None = None
+    importance: str = "angular"
+    calibration_batches: int = 8
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("blocks", "ratio") if getattr(self, n) is not None]
+        require(len(given) == 1, "blocks", f"set exactly one of blocks, ratio (got {given or 'none'})")
+        if self.blocks is not None:
+            positive_int(self.blocks, "blocks")
+        if self.ratio is not None:
+            in_range(self.ratio, "ratio", 0.0, 1.0, hi_open=True)
+        one_of(self.importance, "importance", DEPTH_IMPORTANCES)
+        positive_int(self.calibration_batches, "calibration_batches")
+
+    def dropped(self, blocks: int) -> int:
+        """How many of ``blocks`` blocks go."""
+        return self.blocks if self.blocks is not None else int(self.ratio * blocks + 1e-9)

@@ -22,6 +22,8 @@ from slimkit.graph.groups import HEAD_COUNT_ATTRS
 
 #: Attributes that store ``heads * head_size`` on attention modules (kept in step with the head count).
 HEAD_SIZE_ATTRS = ("all_head_size", "inner_dim")
+#: Grouped-query attention counts read at forward time (kept by :func:`save_pruned` too).
+GQA_ATTRS = ("num_key_value_groups", "num_key_value_heads")
 
 
 class Slicer:
@@ -239,6 +241,6 @@ def head_count_attrs(module: nn.Module) -> dict[str, int]:
     """The integer head-count attributes of ``module`` (what :func:`save_pruned` stores)."""
     return {
         attr: getattr(module, attr)
-        for attr in HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS
+        for attr in HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + GQA_ATTRS
         if isinstance(getattr(module, attr, None), int)
     }

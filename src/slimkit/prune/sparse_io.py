@@ -24,10 +24,12 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from slimkit.errors import ModelError
+from slimkit.prune.depth import drop_blocks_, kept_blocks
 from slimkit.prune.slicers import find_slicer, head_count_attrs, slice_layer_
 from slimkit.utils.io import atomic_path, load_weights, load_weights_file, save_weights, state_dict_for_saving
 
 MAGIC = b"SLIMKIT-ZLIB-SAFETENSORS\n"
+BLOCKS_KEY = "slimkit_blocks"  # save_pruned: the block list and the original indices of its blocks
 
 
 def _negative_zeros(flat: torch.Tensor) -> torch.Tensor:
@@ -138,10 +140,26 @@ def load_sparse(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> int:
-    """Save a structurally pruned model: its (smaller) weights plus the changed head counts."""
+    """Save a structurally pruned model: its (smaller) weights, the changed head counts, and which
+    blocks depth pruning kept."""
     attrs = {name: head_count_attrs(m) for name, m in model.named_modules()}
     attrs = {n: a for n, a in attrs.items() if a}
-    return save_weights(model, path, metadata={"slimkit_structure": json.dumps(attrs)})
+    metadata = {"slimkit_structure": json.dumps(attrs)}
+    blocks = kept_blocks(model)
+    if blocks is not None:
+        metadata[BLOCKS_KEY] = json.dumps({"list": blocks[0], "kept": blocks[1]})
+    return save_weights(model, path, metadata=metadata)
+
+
+def _drop_blocks_as_stored_(model: nn.Module, blocks: dict | None, path) -> None:
+    """Depth pruning first (it renames the blocks the other entries then refer to)."""
+    if blocks is None:
+        return
+    layers = dict(model.named_modules()).get(blocks["list"])
+    kept = blocks["kept"]
+    if not isinstance(layers, nn.ModuleList) or not kept or max(kept) >= len(layers):
+        raise ModelError(f"{path}: keeps blocks {kept} of {blocks['list']!r}, which this model does not have")
+    drop_blocks_(model, blocks["list"], kept)
 
 
 def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -154,7 +172,9 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     state = load_weights_file(path)
     with safe_open(str(path), framework="pt") as f:
-        attrs = json.loads((f.metadata() or {}).get("slimkit_structure", "{}"))
+        metadata = f.metadata() or {}
+    attrs = json.loads(metadata.get("slimkit_structure", "{}"))
+    _drop_blocks_as_stored_(model, json.loads(metadata[BLOCKS_KEY]) if BLOCKS_KEY in metadata else None, path)
     modules = dict(model.named_modules())
     shrink = {}
     for key, tensor in state.items():

@@ -22,25 +22,39 @@ from slimkit.batch import default_forward
 from slimkit.errors import ConfigError, ModelError
 from slimkit.graph.groups import Group, build_groups
 from slimkit.graph.trace import trace_model
+from slimkit.prune.attention import GQAttention, check_gqa, find_gqa, gqa_group, keep_units, set_head_counts_
 from slimkit.prune.config import StructuredConfig
+from slimkit.prune.hf_config import sync_config_
 from slimkit.prune.importance import Importance, make_importance
 from slimkit.prune.methods import register_method
 from slimkit.prune.select import matches
 from slimkit.prune.slicers import slice_layer_, slicer_for, update_head_counts_
 from slimkit.prune.summary import PruneSummary, count_parameters
 
+#: Group kinds counted as attention heads (ratio ``head_ratio``): traced heads, and GQA units.
+HEAD_KINDS = ("head", "kv_group", "q_head")
+
+
+def _selected(group: Group, config: StructuredConfig) -> bool:
+    return any(matches(p, pat) for p in group.producers for pat in config.include) and not any(
+        matches(p, pat) for p in group.producers for pat in config.exclude
+    )
+
 
 def _eligible(groups: list[Group], config: StructuredConfig) -> list[Group]:
     kinds = {"channel"} if config.prune_channels else set()
     kinds |= {"head"} if config.prune_heads else set()
-    return [
-        g
-        for g in groups
-        if g.prunable
-        and g.kind in kinds
-        and any(matches(p, pat) for p in g.producers for pat in config.include)
-        and not any(matches(p, pat) for p in g.producers for pat in config.exclude)
-    ]
+    return [g for g in groups if g.prunable and g.kind in kinds and _selected(g, config)]
+
+
+def _gqa_units(model: nn.Module, config: StructuredConfig) -> list[tuple[GQAttention, Group]]:
+    """The selected GQA attentions with their units, checked (``gqa`` set), else nothing."""
+    if config.gqa is None:
+        return []
+    found = [(a, gqa_group(a, config.gqa)) for a in find_gqa(model)]
+    found = [(a, g) for a, g in found if _selected(g, config)]
+    check_gqa([a for a, _ in found], config.gqa, {a.name: _ratio_for(g, config) for a, g in found})
+    return found
 
 
 def _check_patterns(
@@ -80,7 +94,7 @@ def _ratio_for(group: Group, config: StructuredConfig) -> float:
     for pat, value in config.ratios.items():
         if any(matches(p, pat) for p in group.producers):
             return value
-    return config.effective_head_ratio if group.kind == "head" else config.ratio
+    return config.effective_head_ratio if group.kind in HEAD_KINDS else config.ratio
 
 
 def _min_keep(group: Group, config: StructuredConfig) -> int:
@@ -233,21 +247,38 @@ def prune_structured_(
     if example is None:
         raise ConfigError("example_inputs", "structured pruning needs example_inputs or calibration to trace")
     groups = analyze(model, example, forward)
+    attention = _gqa_units(model, config)
     chosen = _eligible(groups, config)
-    _check_patterns(model, groups, chosen, config)
-    criterion.prepare(model, chosen, calibration, forward or default_forward, loss_fn)
+    _check_patterns(model, groups, chosen + [g for _, g in attention], config)
+    criterion.prepare(
+        model, chosen + [g for _, g in attention], calibration, forward or default_forward, loss_fn
+    )
     keep = choose_units(chosen, {g.name: criterion.score(model, g) for g in chosen}, config)
-    plan = plan_slices(model, chosen, keep)
+    for att, g in attention:
+        keep[g.name] = keep_units(att, config.gqa, criterion.score(model, g), _ratio_for(g, config))
+    plan = plan_slices(model, chosen + [g for _, g in attention], keep)
     summary = PruneSummary(method="structured", params_before=count_parameters(model))
     summary.macs_before = _macs(model, forward, example)
     _slice_all_(model, plan)
     _update_head_counts_(model, chosen, keep)
+    for att, g in attention:
+        set_head_counts_(att, config.gqa, len(keep[g.name]))
+    summary.config, summary.non_uniform = sync_config_(model)
+    chosen += [g for _, g in attention]
     summary.params_after = count_parameters(model)
     summary.macs_after = _macs(model, forward, example)
+    return _list_groups(summary, groups, chosen, keep)
+
+
+def _list_groups(summary: PruneSummary, groups: list[Group], chosen: list[Group], keep: dict) -> PruneSummary:
+    """The pruned groups, and the ones skipped with why (a GQA attention pruned by role is not skipped)."""
+    done = {p for g in chosen for p in g.producers}
     summary.groups = [
         {"name": g.name, "kind": g.kind, "before": g.units, "after": len(keep[g.name])} for g in chosen
     ]
     summary.skipped = [
-        {"name": g.name, "kind": g.kind, "reason": "; ".join(g.unsafe[:2])} for g in groups if not g.prunable
+        {"name": g.name, "kind": g.kind, "reason": "; ".join(g.unsafe[:2])}
+        for g in groups
+        if not g.prunable and not done & set(g.producers)
     ]
     return summary

@@ -39,6 +39,11 @@ class PruneSummary:
     masks: Masks | None = None
     callback: Callback | None = None
     sparsity: float | None = None
+    # Hugging Face config fields written after structured/depth pruning, and the ones left as they
+    # were because the blocks now differ (such a model is stored in slimkit's pruned format)
+    config: dict[str, int] = field(default_factory=dict)
+    non_uniform: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # method-specific figures (depth: block scores)
 
     def table(self) -> str:
         lines = [f"pruning: {self.method}"]
@@ -51,6 +56,10 @@ class PruneSummary:
             for name, value in self.masks.layer_sparsity().items():
                 lines.append(f"{name[:50]:50s} {100 * value:6.1f}%")
         lines.append(f"parameters: {self.params_before:,} -> {self.params_after:,}")
+        if self.config:
+            lines.append("config: " + ", ".join(f"{k}={v}" for k, v in self.config.items()))
+        if self.non_uniform:
+            lines.append(f"differs across blocks (no Hugging Face form): {', '.join(self.non_uniform)}")
         if self.sparsity is not None:
             lines.append(f"selected weights at zero: {100 * self.sparsity:.1f}%")
         if self.macs_before is not None and self.macs_after is not None:

@@ -20,6 +20,7 @@ from slimkit.quant.callback import QATCallback
 from slimkit.quant.config import (
     AWQConfig,
     BF16Config,
+    CodebookConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
     MixedPrecisionConfig,
@@ -29,12 +30,13 @@ from slimkit.quant.config import (
 )
 from slimkit.quant.fold import fold_batchnorm_
 from slimkit.quant.method import method_names, onnx_problem
-from slimkit.quant.serialize import load_quantized, save_quantized
+from slimkit.quant.serialize import load_compressed, load_quantized, save_compressed, save_quantized
 from slimkit.quant.summary import QuantSummary
 
 __all__ = [
     "AWQConfig",
     "BF16Config",
+    "CodebookConfig",
     "Int8DynamicConfig",
     "Int8StaticConfig",
     "MixedPrecisionConfig",
@@ -46,11 +48,13 @@ __all__ = [
     "config_from_dict",
     "convert_",
     "fold_batchnorm_",
+    "load_compressed",
     "load_quantized",
     "method_names",
     "onnx_problem",
     "prepare_",
     "quantize_",
+    "save_compressed",
     "save_quantized",
     "unprepare_",
 ]

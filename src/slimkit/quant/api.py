@@ -6,6 +6,14 @@ attaches calibration collectors (or, for QAT, swaps in fake-quantized layers);
 layers by integer ones. Every check runs before the model is changed, so a bad
 config, a pattern that matches nothing or a calibration batch of the wrong
 shape raises an error naming it and leaves the model as it was.
+
+Under ``torchrun`` each process calibrates on its own share of the batches and
+``convert_`` first merges the collectors' statistics across the processes
+(:mod:`slimkit.quant.distributed`: Hessians and activation sums summed, maxima
+taken), so every process builds the layers that one process calibrated on all
+the batches would build. Statistics that cannot be merged exactly (the
+``moving_average`` and ``mse`` observers, ``mixed``'s analysis) are refused by
+``prepare_``, before any batch runs.
 """
 
 from __future__ import annotations
@@ -24,11 +32,12 @@ from slimkit.batch import Forward, default_forward, describe_batch
 from slimkit.errors import ConfigError, DataError, ModelError
 from slimkit.quant.base import as_config
 from slimkit.quant.builders import build_layer, require_fed
+from slimkit.quant.distributed import all_reduce_collectors_, calibration_env, check_mergeable
 from slimkit.quant.fold import conv_bn_pairs, folded_conv
 from slimkit.quant.method import method_for
 from slimkit.quant.modules import FoldedBatchNorm
 from slimkit.quant.plan import EMBEDDING_CONFIG, Plan, build_plan, get_module, layer_method, set_module
-from slimkit.quant.summary import QuantSummary
+from slimkit.quant.summary import QuantSummary, kernels_of
 
 _STATE = "_slimkit_quant_state"
 
@@ -60,7 +69,9 @@ def prepare_(model: nn.Module, config: Any) -> Plan:
         collectors = _collectors(get_module(model, name), cfg)
         if collectors:
             state.collectors[name] = collectors
-            state.hooks.append(get_module(model, name).register_forward_pre_hook(_hook(collectors, state)))
+    check_mergeable(config, state.collectors, calibration_env())
+    for name, collectors in state.collectors.items():
+        state.hooks.append(get_module(model, name).register_forward_pre_hook(_hook(collectors, state)))
     for name, cfg in plan.layers.items():
         method = layer_method(cfg)
         swapped = method.prepare_layer(cfg, get_module(model, name)) if method else None
@@ -133,6 +144,7 @@ _describe = describe_batch
 def convert_(model: nn.Module) -> QuantSummary:
     """Replace the prepared layers by quantized ones; returns what was done (see :class:`QuantSummary`)."""
     state = _require_state(model)
+    all_reduce_collectors_(state.collectors, calibration_env())  # under torchrun: all ranks' statistics
     plan = method_for(state.config).refine_plan(state.config, model, state)
     require_fed({n: c for n, c in state.collectors.items() if n in plan.layers}, " (run calibrate first)")
     folds = _batchnorm_folds(model, state, plan)
@@ -152,6 +164,7 @@ def convert_(model: nn.Module) -> QuantSummary:
         skipped=dict(plan.skipped),
         folded={bn: conv for conv, (_, bn) in folds.items()},
         analysis=plan.analysis,
+        kernels=kernels_of(new.values()),
     )
 
 
@@ -230,12 +243,14 @@ def quantize_(
             raise ModelError(
                 f"{type(model).__name__} is already prepared for quantization: call convert_ first"
             )
-        return quantize_by_block_(
+        summary = quantize_by_block_(
             model, config, calibration_data, forward, max_batches, method.true_sequential(config)
         )
+        summary.kernels = kernels_of(model.modules())
+        return summary
     plan = prepare_(model, config)
     if method.trains:
-        prepared = {n: "fake-quantized (QAT)" for n in plan.layers}
+        prepared = {n: f"prepared for training ({config.method})" for n in plan.layers}
         return QuantSummary(config.method, skipped=dict(plan.skipped), prepared=prepared)
     try:
         if needs:

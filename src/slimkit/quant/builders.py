@@ -14,11 +14,12 @@ from torch import nn
 
 from slimkit.errors import DataError
 from slimkit.quant.affine import QSpec, quantize, quantize_tensor
-from slimkit.quant.collectors import ChannelAbsMax
+from slimkit.quant.collectors import ActivationSample, ChannelAbsMax
 from slimkit.quant.method import method_for
 from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quant.observers import make_observer
 from slimkit.quant.plan import EMBEDDING_CONFIG
+from slimkit.quant.scale_search import search_scales
 from slimkit.quant.smoothquant import smoothing_factors
 
 INT8_ROWS = QSpec(8, True, "channel", 0)
@@ -47,22 +48,70 @@ def int8_weight(w2d: torch.Tensor, observer: str, bits: int = 8) -> tuple[torch.
 
 
 def smoothquant_collectors(config: Any, module: nn.Module) -> dict[str, Any]:
-    """SmoothQuant's per-input-channel |x| maximum (Linear layers; convs are not smoothed)."""
-    if config.smoothquant and isinstance(module, nn.Linear):
-        return {"absmax": ChannelAbsMax(module.in_features)}
-    return {}
+    """SmoothQuant's per-input-channel |x| maximum (Linear layers; convs are not smoothed).
+
+    With ``smoothquant_alpha: auto`` also a bounded sample of input rows, on which ``alpha`` is searched.
+    """
+    if not (config.smoothquant and isinstance(module, nn.Linear)):
+        return {}
+    out: dict[str, Any] = {"absmax": ChannelAbsMax(module.in_features)}
+    if config.smoothquant_alpha == "auto":
+        out["activations"] = ActivationSample(module.in_features, config.smoothquant_samples)
+    return out
 
 
 def smoothed_int8_weight(
     module: nn.Module, cfg: Any, collectors: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """int8 codes and scales of the weight, SmoothQuant-scaled if ``absmax`` was collected; and ``1/s``."""
-    w2d, in_scale = weight_2d(module), None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    """int8 codes and scales of the weight, SmoothQuant-scaled if ``absmax`` was collected; ``1/s``; ``alpha``.
+
+    ``alpha`` is the exponent used (searched with ``auto``), None where the layer is not smoothed.
+    """
+    w2d, in_scale, alpha = weight_2d(module), None, None
     if "absmax" in collectors:
-        s = smoothing_factors(collectors["absmax"].value, w2d, cfg.smoothquant_alpha)
-        w2d, in_scale = w2d * s, 1.0 / s
+        absmax = collectors["absmax"].value
+        alpha = cfg.smoothquant_alpha
+        if alpha == "auto":
+            alpha = auto_smoothquant_alpha(w2d, absmax, collectors["activations"].sample(), cfg)[0]
+        if alpha is not None:
+            s = smoothing_factors(absmax, w2d, alpha)
+            w2d, in_scale = w2d * s, 1.0 / s
     q, w_scale = int8_weight(w2d, cfg.weight_observer)
-    return q, w_scale, in_scale
+    return q, w_scale, in_scale, alpha
+
+
+def w8a8_output(x: torch.Tensor, w2d: torch.Tensor, s: torch.Tensor | None, cfg: Any) -> torch.Tensor:
+    """What the dynamic int8 Linear built with smoothing factors ``s`` computes on rows ``x`` (no bias).
+
+    A real :class:`QuantLinear` (int8 per-channel codes of ``W * s``, input
+    ``x * (1 / s)`` quantized per token or per tensor) runs it, so the search
+    scores the runtime's own kernel, whichever this CPU dispatches to.
+    """
+    q, w_scale = int8_weight(w2d if s is None else w2d * s, cfg.weight_observer)
+    layer = QuantLinear(w2d.shape[1], w2d.shape[0], "dynamic", cfg.activation_granularity)
+    layer.set_weight(q, w_scale)
+    layer.set_activation(None, None if s is None else 1.0 / s)
+    return layer(x)
+
+
+def auto_smoothquant_alpha(
+    w2d: torch.Tensor, absmax: torch.Tensor, x: torch.Tensor, cfg: Any
+) -> tuple[float | None, dict[float | None, float]]:
+    """The ``alpha`` (None: no smoothing) whose W8A8 output on rows ``x`` is closest to the float one.
+
+    Tried: no smoothing first (so a layer smoothing does not help stays as it
+    was), then ``i / smoothquant_grid`` for ``i = 0 .. smoothquant_grid``.
+    Returns it and each candidate's mean squared output error.
+    """
+    grid = cfg.smoothquant_grid
+    _, alpha, errors = search_scales(
+        x,
+        w2d,
+        [None, *(i / grid for i in range(grid + 1))],
+        lambda a: None if a is None else smoothing_factors(absmax, w2d, a),
+        lambda s: w8a8_output(x, w2d, s, cfg),
+    )
+    return alpha, errors
 
 
 def int8_layer(
@@ -73,6 +122,7 @@ def int8_layer(
     granularity: str,
     x_qparams: tuple | None = None,
     in_scale: torch.Tensor | None = None,
+    smoothquant_alpha: float | None = None,
 ) -> nn.Module:
     """A :class:`QuantLinear` or :class:`QuantConv2d` in place of the float ``module``."""
     if isinstance(module, nn.Conv2d):
@@ -80,7 +130,9 @@ def int8_layer(
         mod.set_weight(q, w_scale)
         mod.set_activation(x_qparams)
         return mod
-    return QuantLinear.from_float(module, q, w_scale, mode, granularity, x_qparams, in_scale)
+    mod = QuantLinear.from_float(module, q, w_scale, mode, granularity, x_qparams, in_scale)
+    mod.smoothquant_alpha = smoothquant_alpha
+    return mod
 
 
 def require_fed(collectors: dict[str, dict[str, Any]], hint: str = "") -> None:

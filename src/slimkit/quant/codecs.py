@@ -46,11 +46,13 @@ class LayerCodec:
 
 def _describe_int8(module: QuantLinear | QuantConv2d) -> Info:
     shape = {"in": module.in_features, "out": module.out_features} if isinstance(module, QuantLinear) else {}
+    alpha = getattr(module, "smoothquant_alpha", None)
     return {
         **shape,
         "mode": module.mode,
         "granularity": module.granularity,
         "weight_bits": module.weight_bits,
+        **({} if alpha is None else {"smoothquant_alpha": alpha}),  # kept for the layer's description
     }
 
 
@@ -76,6 +78,7 @@ def _unpack_int4_codes(state: State, name: str, info: Info) -> None:
 def _rebuild_linear(float_module: nn.Module, info: Info) -> nn.Module:
     mod = QuantLinear(info["in"], info["out"], info["mode"], info["granularity"])
     mod.weight_bits = info["weight_bits"]
+    mod.smoothquant_alpha = info.get("smoothquant_alpha")
     return mod
 
 

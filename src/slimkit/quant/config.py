@@ -14,6 +14,7 @@ from slimkit.quant.method import method_named, method_names
 from slimkit.quant.methods import (
     AWQConfig,
     BF16Config,
+    CodebookConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
     MixedPrecisionConfig,
@@ -44,6 +45,7 @@ __all__ = [
     "WEIGHT_OBSERVERS",
     "AWQConfig",
     "BF16Config",
+    "CodebookConfig",
     "Int8DynamicConfig",
     "Int8StaticConfig",
     "MixedPrecisionConfig",

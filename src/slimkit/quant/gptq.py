@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from slimkit.quant.affine import QSpec, dequantize, minmax, qparams, quantize
+from slimkit.train.distributed import DistEnv, all_reduce_tensor_, sum_across
 
 
 class HessianAccumulator:
@@ -27,6 +28,25 @@ class HessianAccumulator:
         total = self.n + x2.shape[0]
         self.h.mul_(self.n / total).add_(x2.t() @ x2, alpha=2.0 / total)
         self.n = total
+
+    def hessian(self) -> torch.Tensor:
+        """``h`` rounded to float32 (kept as float64 for GPTQ's arithmetic).
+
+        The sum's last float64 bits depend on the order the rows were added in (one
+        process, or several merged by :meth:`all_reduce_`); rounding them off makes GPTQ
+        build the same codes either way, so true-sequential stages, each calibrated on
+        the layers before it, stay identical too. 24 bits are far finer than the
+        calibration sample's own noise.
+        """
+        return self.h.float().double()
+
+    def all_reduce_(self, env: DistEnv | None) -> None:
+        """Under torchrun: every rank's ``h`` becomes that of all ranks' rows (``2 X^T X``, ``n`` summed)."""
+        if env is None:
+            return
+        total = all_reduce_tensor_(self.h * self.n, env)
+        self.n = int(sum_across([float(self.n)], env)[0])
+        self.h = total / max(self.n, 1)
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -124,7 +144,7 @@ def _gptq_act_order(
         zero = torch.stack([z for _, z in g_params], dim=1)
     else:
         scale, zero = qparams(*minmax(w.float(), spec), spec)
-    perm = torch.argsort(torch.diag(h), descending=True)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True)  # ties: storage order, everywhere
     w = w[:, perm]
     h = h[perm][:, perm]
     hinv = _inverse_cholesky(h, damp)

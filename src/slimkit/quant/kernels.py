@@ -6,6 +6,9 @@
 - ``aten._weight_int8pack_mm``: float activations x int8 per-channel weights.
 - ``aten._weight_int4pack_mm_for_cpu``: float activations x packed int4 group-wise
   weights (``w = (q - 8) * scale + zero``), the "tinygemm" CPU kernel.
+- ``quantized::linear_*`` (fbgemm, what PyTorch's ``quantize_dynamic`` runs): the int8
+  GEMM where ``torch._int_mm`` has no fast kernel (no AVX-512 VNNI); the choice is
+  :func:`slimkit.utils.dispatch.int8_gemm`'s.
 
 Activations are quantized here, on the fly, with the same affine math as
 :mod:`slimkit.quant.affine`; zero points are folded into an int32 correction
@@ -15,11 +18,11 @@ so that only the GEMM itself runs on integers.
 from __future__ import annotations
 
 import functools
-import os
+import warnings
 
 import torch
 
-from slimkit.utils.cpu import capability
+from slimkit.utils import dispatch
 
 _EPS = 1e-12
 
@@ -160,8 +163,11 @@ def static_int8_linear(
 
 
 def int8_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``_weight_int8pack_mm`` in ``scale``'s dtype. Why bf16 where the CPU has it: as for int4, the
+    kernel's float32 path is slow (576->1536: 0.5 ms for one row, 50 ms for 128 rows, against 0.1 and
+    1.5 ms for a float32 Linear), its bf16 path about as fast as float32."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).float().contiguous()
+    x2 = x.reshape(-1, shape[-1]).to(scale.dtype).contiguous()
     out = torch.ops.aten._weight_int8pack_mm(x2, qweight, scale)
     return out.reshape(*shape[:-1], -1).to(x.dtype)
 
@@ -171,20 +177,17 @@ def int4_kernel_weight(q_signed: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu((q_signed.to(torch.int32) + 8).contiguous(), 1)
 
 
-INT4_COMPUTE_ENV = "SLIMKIT_INT4_COMPUTE"  # bf16 | fp32: override the choice below
+INT4_COMPUTE_ENV = dispatch.INT4_COMPUTE_ENV  # bf16 | fp32: override the choice
 
 
 @functools.lru_cache(maxsize=1)
 def int4_compute_dtype() -> torch.dtype:
-    """What the int4 kernel computes in. Why: ``_weight_int4pack_mm_for_cpu`` has a fast path for
-    bfloat16 activations and scales only; with float32 it ran 10-70x slower than a float32 Linear on
-    an AVX-512 BF16 CPU (576->1536, one token: 0.83 ms against 0.05 ms in bf16 and 0.08 ms fp32).
-    bf16 activations add about 0.4% relative error, far below int4's own. CPUs without native bf16
-    (AVX2 only) keep float32, where bf16 itself is slow."""
-    chosen = os.environ.get(INT4_COMPUTE_ENV, "").lower()
-    if chosen in ("bf16", "fp32"):
-        return torch.bfloat16 if chosen == "bf16" else torch.float32
-    return torch.bfloat16 if "avx512_bf16" in capability()["flags"] else torch.float32
+    """What the int4 kernel computes in (:func:`slimkit.utils.dispatch.int4_compute` decides). Why:
+    ``_weight_int4pack_mm_for_cpu`` has a fast path for bfloat16 activations and scales only; with
+    float32 it ran 10-70x slower than a float32 Linear on an AVX-512 BF16 CPU (576->1536, one token:
+    0.83 ms against 0.05 ms in bf16 and 0.08 ms fp32). bf16 activations add about 0.4% relative
+    error, far below int4's own. CPUs without native bf16 (AVX2 only) keep float32."""
+    return torch.bfloat16 if dispatch.int4_compute().kernel.endswith("bf16") else torch.float32
 
 
 def int4_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -201,3 +204,55 @@ def int4_weight_only_linear(
     x2 = x.reshape(-1, shape[-1]).to(scales_zeros.dtype).contiguous()
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_zeros)
     return out.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+# fbgemm: the int8 GEMM where torch._int_mm has no fast kernel (see slimkit.utils.dispatch).
+
+
+@torch.no_grad()
+def fbgemm_pack(qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None):
+    """fbgemm's packed form of int8 per-channel weights ``[out, in]`` (and the bias it adds, if given)."""
+    zeros = torch.zeros(qweight.shape[0], dtype=torch.long)
+    engine = torch.backends.quantized.engine
+    with warnings.catch_warnings():  # quantized tensors are deprecated; this is their only use here
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(qweight, w_scale.double(), zeros, 0)
+        torch.backends.quantized.engine = "fbgemm"  # the x86 engine may pick oneDNN, slow without VNNI
+        try:
+            return torch.ops.quantized.linear_prepack(qw, bias)
+        finally:
+            torch.backends.quantized.engine = engine
+
+
+def u8_qparams(x_scale, zero_s8, reduce_range: bool) -> tuple[float, int]:
+    """fbgemm's unsigned ``(scale, zero)`` for slimkit's signed ones; 7 bits over the same range if asked."""
+    scale, zero = float(x_scale), int(zero_s8) + 128
+    if reduce_range:  # 255 steps -> 127 steps over the same interval
+        scale, zero = scale * 255.0 / 127.0, round(zero * 127.0 / 255.0)
+    return scale, zero
+
+
+@torch.no_grad()
+def fbgemm_int8_linear(x2: torch.Tensor, packed, qparams: tuple[float, int] | None, reduce_range: bool):
+    """``x2 @ W.T + b`` on fbgemm: ``qparams`` fixed (calibrated), or ``None`` to measure them per call."""
+    if qparams is None:
+        return torch.ops.quantized.linear_dynamic(x2.contiguous(), packed, reduce_range)
+    op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    return op(x2.contiguous(), qparams[0], qparams[1], packed)
+
+
+@torch.no_grad()
+def fbgemm_token_linear(x2, packed_no_bias, n_out: int, bias, reduce_range: bool) -> torch.Tensor:
+    """Per-token scales on fbgemm, whose activations share one scale: each row is divided by its own
+    scale first, so that fbgemm's codes (scale 1, zero point mid-range) are exactly
+    :func:`quantize_rows_symmetric`'s, then the output rows are multiplied back."""
+    levels = 63 if reduce_range else 127
+    op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+
+    def step(xs, out):
+        scale = xs.abs().amax(dim=1, keepdim=True).clamp_(min=_EPS).div_(levels)
+        torch.mul(op(torch.div(xs, scale), 1.0, levels + 1, packed_no_bias), scale, out=out)
+        if bias is not None:
+            out.add_(bias)
+
+    return _float_rows(x2, n_out, step)

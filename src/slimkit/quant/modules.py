@@ -14,12 +14,36 @@ from torch.nn import functional as F
 
 import slimkit.quant.kernels as kernels
 from slimkit.quant.affine import QSpec, dequantize, pack_int4, unpack_int4
+from slimkit.utils import dispatch
 from slimkit.utils.cpu import fitted_threads
 
 INT8_CHANNEL = QSpec(8, True, "channel", 0)
 
 
-class _Packed(nn.Module):
+class _Cached(nn.Module):
+    """Tensors derived from a layer's own (fbgemm's packed weights, a float32 copy), rebuilt when it changes."""
+
+    def _derived(self, name: str, sources: tuple, build):
+        """``build()``, cached until one of ``sources`` changes: the key holds each tensor's identity and
+        version counter, which every in-place write (``load_state_dict``, ``copy_``) bumps. Tensors made
+        under inference_mode have no version counter: then nothing is cached."""
+        if any(t is not None and t.is_inference() for t in sources):
+            return build()
+        key = tuple((id(t), t._version) for t in sources if t is not None)
+        slot = self.__dict__.get(_CACHE + name)
+        if slot is None or slot[0] != key:
+            slot = self.__dict__[_CACHE + name] = (key, build())
+        return slot[1]
+
+    def __getstate__(self):
+        # Caches are rebuilt on demand, not copied or pickled (fbgemm's packed weights are opaque objects).
+        return {k: v for k, v in self.__dict__.items() if not k.startswith(_CACHE)}
+
+
+_CACHE = "_cached_"
+
+
+class _Packed(_Cached):
     """Shared accessors: ``bias()`` and the float ``weight()`` the metrics helpers read."""
 
     bias_value: torch.Tensor | None
@@ -33,6 +57,10 @@ class _Packed(nn.Module):
     def onnx_problem(self) -> str | None:
         """Why this layer has no ONNX Runtime form, or None (asked by :mod:`slimkit.export`)."""
         return no_onnx_form(self)
+
+    def kernel(self) -> dispatch.KernelChoice | None:
+        """The kernel this layer computes with on this machine, and why (for the quantize summary)."""
+        return None
 
 
 class FoldedBatchNorm(nn.Identity):
@@ -53,6 +81,8 @@ class QuantLinear(_Packed):
         self.register_buffer("w_colsum", torch.zeros(out_features, dtype=torch.int32), persistent=False)
         self.register_buffer("in_scale", None)  # SmoothQuant's 1/s per input channel, if used
         self.weight_bits = 8  # codes may use fewer bits (QAT at 4 bits); they are stored packed then
+        # SmoothQuant's exponent (searched with "auto") if smoothed: shown by extra_repr, saved by the codec
+        self.smoothquant_alpha: float | None = None
         self._set_bias(None)
 
     @classmethod
@@ -85,17 +115,13 @@ class QuantLinear(_Packed):
         """:func:`kernels.static_terms` of this layer, recomputed only when one of its buffers changed.
 
         Why cache: on small layers the handful of tiny ops that derive these cost
-        more than the GEMM. The key holds each buffer's identity and version
-        counter, which every in-place write (``load_state_dict``, ``copy_``) bumps.
+        more than the GEMM.
         """
         sources = (self.x_scale, self.x_zero, self.w_scale, self.w_colsum, self.bias_value)
-        if any(t is not None and t.is_inference() for t in sources):
-            return kernels.static_terms(*sources)  # built under inference_mode: no version counter to key on
-        key = tuple((id(t), t._version) for t in sources if t is not None)
-        if self.__dict__.get("_terms_key") != key:
-            self.__dict__["_terms"] = kernels.static_terms(*sources)
-            self.__dict__["_terms_key"] = key
-        return self.__dict__["_terms"]
+        return self._derived("terms", sources, lambda: kernels.static_terms(*sources))
+
+    def kernel(self) -> dispatch.KernelChoice:
+        return dispatch.int8_gemm()
 
     def weight(self) -> torch.Tensor:
         return dequantize(
@@ -111,6 +137,9 @@ class QuantLinear(_Packed):
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_scale is not None:
             x = x * self.in_scale
+        choice = dispatch.int8_gemm()
+        if choice.kernel != "onednn":
+            return self._fallback_forward(x, choice)
         if self.mode == "dynamic":
             return kernels.dynamic_int8_linear(
                 x, self.qweight, self.w_scale, self.w_colsum, self.bias_value, self.granularity
@@ -120,10 +149,31 @@ class QuantLinear(_Packed):
         out = kernels.static_int8_linear(x2, self.qweight, self.static_terms())
         return out.reshape(*shape[:-1], -1).to(x.dtype)
 
+    def _fallback_forward(self, x: torch.Tensor, choice: dispatch.KernelChoice) -> torch.Tensor:
+        """Where ``torch._int_mm`` is slow: fbgemm's int8 GEMM with the same codes, or float32."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        weights = (self.qweight, self.w_scale, self.bias_value)
+        if choice.kernel == "fp32":
+            out = F.linear(x2, self._derived("fp32_weight", weights[:2], self.weight), self.bias_value)
+        elif self.mode == "dynamic" and self.granularity == "token":  # bias added after the row rescale
+            packed = self._derived(
+                "fbgemm_nobias", weights[:2], lambda: kernels.fbgemm_pack(*weights[:2], None)
+            )
+            out = kernels.fbgemm_token_linear(
+                x2, packed, self.out_features, self.bias_value, choice.reduce_range
+            )
+        else:
+            packed = self._derived("fbgemm", weights, lambda: kernels.fbgemm_pack(*weights))
+            qparams = None
+            if self.mode == "static":
+                qparams = kernels.u8_qparams(self.x_scale, self.x_zero, choice.reduce_range)
+            out = kernels.fbgemm_int8_linear(x2, packed, qparams, choice.reduce_range)
+        return out.reshape(*shape[:-1], -1).to(x.dtype)
+
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_features}, {self.out_features}, int8 {self.mode}, activations per {self.granularity}"
-        )
+        smooth = "" if self.smoothquant_alpha is None else f", smoothquant alpha {self.smoothquant_alpha:g}"
+        return f"{self.in_features}, {self.out_features}, int8 {self.mode}, activations per {self.granularity}{smooth}"
 
 
 class QuantConv2d(_Packed):
@@ -165,7 +215,14 @@ class QuantConv2d(_Packed):
         with fitted_threads():  # one thread while the CPU is oversubscribed (see slimkit.utils.cpu)
             return self._int8_forward(x)
 
+    def kernel(self) -> dispatch.KernelChoice:
+        return dispatch.int8_conv()
+
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel().kernel != "onednn":  # torch._int_mm would be slow here: float conv, same weights
+            w = self._derived("fp32_weight", (self.qweight, self.w_scale), self.weight)
+            out = F.conv2d(x.float(), w, self.bias_value, self.stride, self.padding, self.dilation)
+            return out.to(x.dtype)
         n, dtype, x = x.shape[0], x.dtype, x.float()
         if self.mode == "dynamic" and self.granularity == "token":
             # One scale per patch: the float patches themselves are quantized.
@@ -283,13 +340,18 @@ class WeightOnlyLinear(_Packed):
         if self.bits == 8:
             # The int8 kernel has no zero point: fold it into the (float) weights is not possible,
             # so int8 weight-only is symmetric and the zero buffer stays 0 (checked at quantization).
-            self.kernel_weight, self.kernel_scales = self.qweight, self.w_scale
+            # Scales in the kernel's compute dtype: bf16 where the CPU has it (its fast path), like int4.
+            self.kernel_weight = self.qweight
+            self.kernel_scales = self.w_scale.to(kernels.int4_compute_dtype())
         else:
             self.kernel_weight = kernels.int4_kernel_weight(self.codes())
             self.kernel_scales = kernels.int4_scales_and_zeros(self.w_scale, self.w_zero)
 
     def weight(self) -> torch.Tensor:
         return dequantize(self.codes(), self.w_scale, self.w_zero.to(torch.int32), self.spec)
+
+    def kernel(self) -> dispatch.KernelChoice:
+        return dispatch.int8_weight_only() if self.bits == 8 else dispatch.int4_compute()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
@@ -334,12 +396,23 @@ class QuantEmbedding(_Packed):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
 
 
-class BF16Linear(nn.Linear):
-    """A Linear whose weights and GEMM are bfloat16 (AVX-512 BF16 on this CPU); input/output dtype kept."""
+class BF16Linear(nn.Linear, _Cached):
+    """A Linear whose weights are bfloat16; its GEMM too where the CPU has native bf16, else float32 on
+    the bf16 weights (:func:`slimkit.utils.dispatch.bf16_compute`); input/output dtype kept."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias
-        return F.linear(x.to(torch.bfloat16), self.weight, bias).to(x.dtype)
+        if self.kernel().kernel == "fp32":  # bf16 GEMMs are slower than fp32 here: same weights, fp32 math
+            w, b = self._derived("fp32", (self.weight, self.bias), self._float32_weights)
+            return F.linear(x.float(), w, b).to(x.dtype)
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+    def kernel(self) -> dispatch.KernelChoice:
+        return dispatch.bf16_compute()
+
+    def _float32_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # A float32 copy, kept: converting per call would cost more than a one-token GEMV itself.
+        with torch.no_grad():
+            return self.weight.float(), None if self.bias is None else self.bias.float()
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> BF16Linear:

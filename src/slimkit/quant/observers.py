@@ -16,12 +16,17 @@ from __future__ import annotations
 import torch
 
 from slimkit.quant.affine import QSpec, dequantize, minmax, param_shape, qparams, quantize, rows_view
+from slimkit.train.distributed import DistEnv, gather_objects
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
 _SAMPLE = 1 << 14  # values kept per batch by sampling observers: enough for a stable estimate
 
 
 class Observer:
+    kind = ""  # its name in OBSERVERS
+    # Why its range cannot be merged across processes (None: ``all_reduce_`` merges it exactly).
+    cross_process: str | None = None
+
     def __init__(self, spec: QSpec):
         self.spec = spec
         self.lo: torch.Tensor | None = None
@@ -50,6 +55,16 @@ class Observer:
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return qparams(*self.range(), self.spec)
 
+    def all_reduce_(self, env: DistEnv | None) -> None:
+        """Under torchrun: the range of all ranks' batches (the extremes; a rank that saw none adds none)."""
+        if env is None:
+            return
+        seen = [s for s in gather_objects((self.lo, self.hi, self.batches), env) if s[0] is not None]
+        self.batches = sum(s[2] for s in seen)
+        self.lo, self.hi = None, None
+        for lo, hi, _ in seen:
+            Observer._merge(self, lo, hi)
+
     _STATE = ("lo", "hi", "_sum_lo", "_sum_hi")  # what the running observers accumulate
 
     def state_dict(self) -> dict:
@@ -65,10 +80,13 @@ class Observer:
 
 
 class MinMaxObserver(Observer):
-    pass
+    kind = "minmax"
 
 
 class MovingAverageObserver(Observer):
+    kind = "moving_average"
+    cross_process = "its running average depends on the order in which one process sees the batches"
+
     def __init__(self, spec: QSpec, momentum: float = 0.01):
         super().__init__(spec)
         self.momentum = momentum
@@ -83,6 +101,8 @@ class MovingAverageObserver(Observer):
 
 class PercentileObserver(Observer):
     """Averages the per-batch ``percentile`` of the values (low tail and high tail)."""
+
+    kind = "percentile"
 
     def __init__(self, spec: QSpec, percentile: float = 99.99):
         super().__init__(spec)
@@ -99,14 +119,32 @@ class PercentileObserver(Observer):
         return lo.reshape(shape), hi.reshape(shape)
 
     def _merge(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        self._sum_lo = lo if self._sum_lo is None else self._sum_lo + lo
-        self._sum_hi = hi if self._sum_hi is None else self._sum_hi + hi
-        n = self.batches + 1
-        self.lo, self.hi = self._sum_lo / n, self._sum_hi / n
+        # float64 sums rounded to float32 on use: the range does not depend on the order the
+        # batches were added in (one process, or several merged by all_reduce_).
+        self._sum_lo = lo.double() if self._sum_lo is None else self._sum_lo + lo.double()
+        self._sum_hi = hi.double() if self._sum_hi is None else self._sum_hi + hi.double()
+        self._mean(self.batches + 1)
+
+    def _mean(self, n: int) -> None:
+        self.lo, self.hi = (self._sum_lo / n).float(), (self._sum_hi / n).float()
+
+    def all_reduce_(self, env: DistEnv | None) -> None:
+        """The mean of every rank's per-batch percentiles (sums and batch counts summed)."""
+        if env is None:
+            return
+        seen = [s for s in gather_objects((self._sum_lo, self._sum_hi, self.batches), env) if s[2]]
+        self.batches = sum(s[2] for s in seen)
+        if seen:
+            self._sum_lo = sum(s[0] for s in seen)
+            self._sum_hi = sum(s[1] for s in seen)
+            self._mean(self.batches)
 
 
 class MSEObserver(Observer):
     """Min-max range, then the shrink factor in [0.3, 1] with the least quantization MSE on a sample."""
+
+    kind = "mse"
+    cross_process = "its clipping search runs on samples of the values that stay in each process"
 
     def __init__(self, spec: QSpec, steps: int = 24):
         super().__init__(spec)

@@ -53,10 +53,10 @@ def build_plan(model: nn.Module, config: Any) -> Plan:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             field_name = "include" if pattern in config.include else f"overrides.{pattern}"
             raise ConfigError(field_name, f"pattern {pattern!r} matches no module of {type(model).__name__}")
+    _check_embedding_overrides(model, config)
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
-            if config.quantize_embeddings and _first_match(name, config.include):
-                plan.layers[name] = EMBEDDING_CONFIG
+            _plan_embedding(plan, name, config)
             continue
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
@@ -84,6 +84,30 @@ def build_plan(model: nn.Module, config: Any) -> Plan:
     _check_uniform(plan)
     _check_dtypes(model, list(plan.layers))
     return plan
+
+
+def _plan_embedding(plan: Plan, name: str, config: Any) -> None:
+    """With ``quantize_embeddings``, an included table becomes int8 unless an override keeps it float."""
+    if not config.quantize_embeddings or not _first_match(name, config.include):
+        return
+    override = _first_match(name, list(config.overrides))
+    if override is not None and config.overrides[override] is None:
+        plan.skipped[name] = f"override {override!r}: kept in float"
+    else:
+        plan.layers[name] = EMBEDDING_CONFIG
+
+
+def _check_embedding_overrides(model: nn.Module, config: Any) -> None:
+    """An override giving a method to embedding tables only would be ignored: refuse it, naming it."""
+    for pattern, value in config.overrides.items():
+        hit = [m for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, pattern)]
+        layers = [m for m in hit if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
+        if value is not None and layers and all(isinstance(m, nn.Embedding) for m in layers):
+            raise ConfigError(
+                f"overrides.{pattern}",
+                "matches embedding tables only; they are quantized to int8 per row by "
+                "quantize_embeddings: true, and an override can only keep them float (null)",
+            )
 
 
 def _check_uniform(plan: Plan) -> None:

@@ -26,6 +26,24 @@ GPTQ reference code:
 For a model with one block and no true-sequential stages, the result is the
 same as all-at-once calibration. Any error restores the layers already
 replaced, so the model is left as it was.
+
+Under ``torchrun`` each process runs its own share of the batches through the
+blocks; each stage's statistics are merged across the processes before its
+layers are built (:mod:`slimkit.quant.distributed`), so every process builds
+the same layers (GPTQ and AWQ are deterministic given the statistics) and the
+processes stay in step, block after block, as one process calibrated on all
+the batches would.
+
+Memory (:mod:`slimkit.quant.block_inputs`): the kept inputs are replaced by
+each block's outputs in place, keyword tensors equal in every batch (rotary
+cos/sin) are kept once, and a model's key/value cache is never passed to the
+blocks (it would grow with every pass). ``micro_batch`` runs the blocks on at
+most that many samples at a time (exactly as if the batches had been given
+that small), bounding the block's activations and each collector update;
+``hold`` keeps the inputs in bfloat16 or on disk. Measured as the peak RSS
+during the call minus the RSS before the model was loaded, over the fp32
+model's parameter bytes (SmolLM2-135M, 128 x 1024 tokens, GPTQ g64
+true-sequential): see the README's calibration memory table.
 """
 
 from __future__ import annotations
@@ -41,12 +59,19 @@ from torch import nn
 from slimkit.batch import Forward, default_forward, describe_batch
 from slimkit.errors import DataError
 from slimkit.models.blocks import find_layer_list
+from slimkit.quant.block_inputs import HeldInputs, split_batch
 from slimkit.quant.builders import build_layer, require_fed
+from slimkit.quant.distributed import (
+    all_reduce_collectors_,
+    calibration_env,
+    check_mergeable,
+    planned_collectors,
+)
 from slimkit.quant.method import method_for
 from slimkit.quant.plan import Plan, build_plan, get_module, layer_method, set_module
 from slimkit.quant.summary import QuantSummary
 
-_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
 
 
 class _Stop(Exception):
@@ -93,23 +118,21 @@ def _first(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
+def _is_cache(name: str, value: Any) -> bool:
+    # By name or by kind (a transformers Cache, whatever the argument is called in this version).
+    return name in _CACHE_KWARGS or callable(getattr(value, "get_seq_length", None))
 
 
 def _capture_block_inputs(
-    model: nn.Module, block: nn.Module, batches: list, forward: Forward
-) -> list[tuple[tuple, dict]]:
-    """Each batch's inputs to ``block`` (the model stops there); cache arguments are dropped."""
-    inputs: list[tuple[tuple, dict]] = []
+    model: nn.Module, block: nn.Module, batches: list, forward: Forward, inputs: HeldInputs
+) -> HeldInputs:
+    """Each batch's inputs to ``block`` into ``inputs`` (the model stops there); cache arguments are dropped."""
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+        kwargs = {k: (None if _is_cache(k, v) else v) for k, v in kwargs.items()}
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
-        inputs.append((args, kwargs))
+        inputs.append(args, kwargs)
         raise _Stop
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
@@ -134,12 +157,14 @@ def _stages(
     model: nn.Module, block: nn.Module, names: list[str], sample: tuple[tuple, dict]
 ) -> list[list[str]]:
     """``names`` grouped in call order into stages of layers that read the very same tensor."""
-    calls: list[tuple[str, int]] = []
+    # The tensors themselves, not their id(): a freed tensor's id is reused by the next one made (an
+    # attention output and the norm after it), which merged stages at random.
+    calls: list[tuple[str, torch.Tensor]] = []
 
     def record(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             if all(n != name for n, _ in calls):
-                calls.append((name, id(args[0])))
+                calls.append((name, args[0]))
 
         return hook
 
@@ -151,12 +176,12 @@ def _stages(
             handle.remove()
     stages: list[list[str]] = []
     last_input = None
-    for name, input_id in calls:
-        if stages and input_id == last_input:
+    for name, seen in calls:
+        if stages and seen is last_input:
             stages[-1].append(name)
         else:
             stages.append([name])
-        last_input = input_id
+        last_input = seen
     unseen = [n for n in names if all(n != c for c, _ in calls)]
     return stages + ([unseen] if unseen else [])
 
@@ -168,8 +193,19 @@ def quantize_by_block_(
     forward: Forward | None = None,
     max_batches: int | None = None,
     true_sequential: bool = False,
+    micro_batch: int | None = None,
+    hold: str | None = None,
 ) -> QuantSummary:
-    """Quantize ``model`` in place, calibrating one block at a time (see the module's docstring)."""
+    """Quantize ``model`` in place, calibrating one block at a time (see the module's docstring).
+
+    ``micro_batch``: split each calibration batch into pieces of at most this many samples
+    (the same result as giving batches that small); ``hold``: ``memory`` (float, as
+    computed), ``bfloat16`` (half the bytes, rounded) or ``disk`` (a temporary folder).
+    Not given, they are the config's ``micro_batch`` / ``hold_inputs`` fields where it
+    has them (None / ``memory`` otherwise: the batches as given, inputs in float).
+    """
+    micro_batch = micro_batch if micro_batch is not None else getattr(config, "micro_batch", None)
+    hold = hold or getattr(config, "hold_inputs", None) or "memory"
     found = block_list(model)
     if found is None:
         raise ValueError(f"{type(model).__name__} has no block list for block-by-block calibration")
@@ -177,6 +213,9 @@ def quantize_by_block_(
     forward = forward or default_forward
     plan = build_plan(model, config)
     batches = list(islice(calibration_data, max_batches) if max_batches is not None else calibration_data)
+    batches = [piece for batch in batches for piece in split_batch(batch, micro_batch)]
+    held = HeldInputs(hold)
+    check_mergeable(config, planned_collectors(model, plan), calibration_env(), len(batches))
     if not batches:
         raise DataError("calibration: no batches were given")
     calibrated = _needs_collectors(model, plan)
@@ -197,22 +236,9 @@ def quantize_by_block_(
     model.eval()
     try:
         with torch.no_grad():
-            inputs = _capture_block_inputs(model, blocks[0], batches, forward)
-            for i, block in enumerate(blocks):
-                names = in_block[i]
-                todo = [n for n in names if n in calibrated]
-                stages = _stages(model, block, todo, inputs[0]) if true_sequential and todo else [todo]
-                for stage in (s for s in stages if s):
-                    _calibrate_stage(model, (i, block), stage, plan, inputs, put, stop=true_sequential)
-                for name in names:
-                    if name not in calibrated:
-                        put(name, build_layer(get_module(model, name), plan.layers[name], {}))
-                if i + 1 < len(blocks):
-                    inputs = [
-                        _with_hidden(a, k, _first(_run_block((i, block), j, a, k)))
-                        for j, (a, k) in enumerate(inputs)
-                    ]
-            del inputs
+            _capture_block_inputs(model, blocks[0], batches, forward, held)
+            _calibrate_blocks(model, blocks, in_block, calibrated, plan, held, put, true_sequential)
+            held.close()
             outside = [n for n in plan.layers if n not in inside]
             _calibrate_outside(model, [n for n in outside if n in calibrated], plan, batches, forward, put)
             for name in outside:
@@ -223,6 +249,7 @@ def quantize_by_block_(
             set_module(model, name, module)
         raise
     finally:
+        held.close()
         model.train(was_training)
     return QuantSummary(
         config.method,
@@ -231,6 +258,24 @@ def quantize_by_block_(
         folded={},
         analysis=plan.analysis,
     )
+
+
+def _calibrate_blocks(
+    model, blocks, in_block, calibrated, plan, inputs: HeldInputs, put, true_sequential
+) -> None:
+    """Each block in turn: its layers built (calibrated on ``inputs``), then its outputs become ``inputs``."""
+    for i, block in enumerate(blocks):
+        names = in_block[i]
+        todo = [n for n in names if n in calibrated]
+        stages = _stages(model, block, todo, inputs.get(0)) if true_sequential and todo else [todo]
+        for stage in (s for s in stages if s):
+            _calibrate_stage(model, (i, block), stage, plan, inputs, put, stop=true_sequential)
+        for name in names:
+            if name not in calibrated:
+                put(name, build_layer(get_module(model, name), plan.layers[name], {}))
+        if i + 1 < len(blocks):
+            for j in range(len(inputs)):  # in place: one batch's outputs replace its inputs
+                inputs.set_hidden(j, _first(_run_block((i, block), j, *inputs.get(j))))
 
 
 def _run_block(block: tuple[int, nn.Module], j: int, args: tuple, kwargs: dict) -> Any:
@@ -250,12 +295,13 @@ def _calibrate_stage(model, block, stage, plan, inputs, put, stop: bool) -> None
         for j, n in enumerate(stage)
     ]
     try:
-        for j, (args, kwargs) in enumerate(inputs):
+        for j in range(len(inputs)):
             with contextlib.suppress(_Stop):
-                _run_block(block, j, args, kwargs)
+                _run_block(block, j, *inputs.get(j))
     finally:
         for handle in handles:
             handle.remove()
+    all_reduce_collectors_(collectors, calibration_env())  # under torchrun: all ranks' statistics
     require_fed({n: collectors[n] for n in stage})
     for name in stage:
         put(name, build_layer(get_module(model, name), plan.layers[name], collectors[name]))
@@ -288,9 +334,21 @@ def _calibrate_outside(model, names, plan, batches, forward, put) -> None:
     finally:
         for handle in handles:
             handle.remove()
+    all_reduce_collectors_(collectors, calibration_env())
     require_fed({n: collectors[n] for n in names})
     for name in names:
         put(name, build_layer(get_module(model, name), plan.layers[name], collectors[name]))
+
+
+def by_block_when(model: nn.Module, sequential: bool | None) -> bool:
+    """A method's ``calibrates_by_block``: a config's ``sequential`` (None: causal LMs), if it has blocks."""
+    if sequential is False or block_list(model) is None:
+        return False
+    if sequential is None:
+        from slimkit.models.causal_lm import is_causal_lm
+
+        return is_causal_lm(model)
+    return True
 
 
 def uses_block_calibration(config: Any, model: nn.Module) -> bool:

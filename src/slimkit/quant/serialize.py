@@ -23,6 +23,8 @@ from slimkit.quant.codecs import LayerCodec
 from slimkit.quant.method import layer_codecs
 from slimkit.quant.modules import FoldedBatchNorm
 from slimkit.quant.plan import get_module, set_module
+from slimkit.utils.container import read_container, write_container
+from slimkit.utils.entropy import CODERS
 from slimkit.utils.io import load_weights_file, save_weights, state_dict_for_saving
 
 META_KEY = "slimkit_quant"
@@ -41,6 +43,12 @@ def quantized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, LayerCodec]
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> int:
     """Write ``model`` (after ``convert_``) to ``path`` (.safetensors); returns the file size in bytes."""
+    layers, state = _packed(model)
+    return save_weights(state, path, metadata={META_KEY: json.dumps(layers)})
+
+
+def _packed(model: nn.Module) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    """The layers' JSON descriptions and the state dict as the codecs write it."""
     found = quantized_layers(model)
     if all(codec.cls is FoldedBatchNorm for _, codec in found.values()):
         raise ModelError(f"{type(model).__name__} has no quantized layer to save (run quantize_ first)")
@@ -49,7 +57,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> int:
     for name, (_, codec) in found.items():
         if codec.pack is not None:
             codec.pack(state, name, layers[name])
-    return save_weights(state, path, metadata={META_KEY: json.dumps(layers)})
+    return layers, state
 
 
 def read_layers(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -87,9 +95,35 @@ def _codecs_for(layers: dict[str, dict[str, Any]]) -> dict[str, LayerCodec]:
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild the quantized layers recorded in ``path`` on ``model`` (float, same architecture) and load."""
-    layers = read_layers(path)
+    return _load_layers(model, read_layers(path), load_weights_file(path), path)
+
+
+def save_compressed(model: nn.Module, path: str | os.PathLike, coders: tuple[str, ...] = CODERS) -> int:
+    """Like :func:`save_quantized`, but every tensor entropy-coded (:mod:`slimkit.utils.container`).
+
+    The layers are packed by the same codecs; each tensor then gets the smallest
+    of ``coders`` (default: all of :data:`slimkit.utils.entropy.CODERS`, measured;
+    ``("raw", "bitpack")`` gives plain b-bit packing). Returns the file size in
+    bytes: the whole file, header included.
+    """
+    layers, state = _packed(model)
+    return write_container(path, state, {META_KEY: layers}, coders)
+
+
+def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model written by :func:`save_compressed` on ``model`` (float, same architecture)."""
+    state, metadata = read_container(path)
+    layers = metadata.get(META_KEY)
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) and "class" in v for v in layers.values()):
+        raise ModelError(f"{path}: header corrupt (no '{META_KEY}' layer table)")
+    try:
+        return _load_layers(model, layers, state, path)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a header whose table does not fit
+        raise ModelError(f"{path}: header corrupt or does not fit {type(model).__name__} ({err})") from None
+
+
+def _load_layers(model: nn.Module, layers: dict, state: dict[str, torch.Tensor], path) -> nn.Module:
     codecs = _codecs_for(layers)
-    state = load_weights_file(path)
     for name, info in layers.items():
         if codecs[name].unpack is not None:
             codecs[name].unpack(state, name, info)
@@ -100,16 +134,24 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         }
     except AttributeError as err:
         raise ModelError(f"{path} does not fit {type(model).__name__}: {err}") from None
+    _check_fits(model, new, state, path)  # before the model changes: never a half-loaded model
     for name, module in new.items():
         set_module(model, name, module)
-    own = model.state_dict()
-    bad = sorted(set(state) ^ {k for k in own if not _tied_alias(k, own, state)})
-    if bad:
-        raise ModelError(f"{path} does not fit {type(model).__name__}: mismatched keys {', '.join(bad[:5])}")
     model.load_state_dict(state, strict=False)
     for module in new.values():
         module.refresh() if hasattr(module, "refresh") else None
     return model
+
+
+def _check_fits(model: nn.Module, new: dict[str, nn.Module], state: dict[str, torch.Tensor], path) -> None:
+    """The model's state dict once ``new`` replaces its layers must match ``state``'s keys and shapes."""
+    own = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{n}.") for n in new)}
+    for name, module in new.items():
+        own.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    bad = sorted(set(state) ^ {k for k in own if not _tied_alias(k, own, state)})
+    bad += [f"{k} (shape)" for k in state if k in own and own[k].shape != state[k].shape]
+    if bad:
+        raise ModelError(f"{path} does not fit {type(model).__name__}: mismatched keys {', '.join(bad[:5])}")
 
 
 def _tied_alias(key: str, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> bool:

@@ -19,3 +19,12 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
     s = act_absmax.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1.0 - alpha)
     s = torch.where((act_absmax > 0) & (w_max > 0), s, torch.ones_like(s))
     return s.clamp(min=1e-4, max=1e4)
+
+
+def chosen_alphas(model: torch.nn.Module) -> dict[str, float | None]:
+    """Each int8 Linear's SmoothQuant ``alpha`` (None: not smoothed), e.g. to show what ``auto`` chose."""
+    return {
+        name: module.smoothquant_alpha
+        for name, module in model.named_modules()
+        if hasattr(module, "smoothquant_alpha")
+    }

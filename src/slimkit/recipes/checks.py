@@ -192,7 +192,8 @@ def _check_patterns(step: Any, model: nn.Module, prefix: str) -> None:
     cfg = step.config
     if step.type == "prune":
         method = getattr(cfg, cfg.method)
-        groups = {"include": method.include, "exclude": method.exclude}
+        # depth pruning has no layer patterns
+        groups = {"include": getattr(method, "include", []), "exclude": getattr(method, "exclude", [])}
         if hasattr(method, "ratios"):
             groups["ratios"] = list(method.ratios)
         _match_all(groups, names, f"{prefix}.{cfg.method}", matches)

@@ -1,7 +1,8 @@
 """``slimkit generate RUN_DIR "prompt"``: text from a finished run's language model.
 
 A run folder keeps one model: the one the last step left, in the format that
-step saved it (plain safetensors, sparse, structurally pruned or quantized).
+step saved it (a Hugging Face folder ``model/`` for a float or bf16 language
+model; sparse, structurally pruned or quantized safetensors otherwise).
 It is rebuilt the way the run built it, from ``recipe.resolved.yaml``'s
 ``model:`` section, then filled from the saved file by the loader matching the
 file's slimkit metadata. A run whose last step exported to ONNX keeps no
@@ -21,9 +22,11 @@ from slimkit.errors import ModelError
 from slimkit.metrics.generation import greedy_generate
 from slimkit.models.causal_lm import is_causal_lm
 from slimkit.models.loading import ModelConfig, load_model
+from slimkit.recipes.steps.saving import HF_FOLDER
 from slimkit.utils.io import load_weights
 
 WEIGHTS = "model.safetensors"
+FOLDER = HF_FOLDER.file_name
 
 
 def _resolved(run_dir: Path) -> dict:
@@ -55,6 +58,9 @@ def _fill(model: nn.Module, file: Path) -> nn.Module:
     """Load ``file`` into ``model`` with the loader its metadata asks for."""
     from safetensors import safe_open
 
+    if file.is_dir():  # a Hugging Face folder (bf16 layers rebuilt as the run had them)
+        return HF_FOLDER.loader(model, file)
+
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
@@ -82,11 +88,11 @@ def load_run_model(run_dir: str | Path, step: str | None = None):
     run_dir = Path(run_dir)
     raw = _resolved(run_dir)
     _check_step(raw, run_dir, step)
-    file = run_dir / WEIGHTS
-    if not file.is_file():
-        found = sorted(p.name for p in run_dir.glob("model.*"))
+    file = run_dir / FOLDER if (run_dir / FOLDER).is_dir() else run_dir / WEIGHTS
+    if not file.exists():
+        found = sorted(p.name for p in run_dir.glob("model*"))
         raise ModelError(
-            f"{run_dir}: no {WEIGHTS} (found: {', '.join(found) or 'nothing'}); "
+            f"{run_dir}: no {FOLDER}/ or {WEIGHTS} (found: {', '.join(found) or 'nothing'}); "
             "a run that ends with export keeps an ONNX model, which generate does not run"
         )
     cfg = from_dict(ModelConfig, {**raw["model"], "weights": None}, "model")

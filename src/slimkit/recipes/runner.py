@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from slimkit.recipes.resume import PartialRun
 from slimkit.recipes.schema import Recipe, Step
 from slimkit.recipes.steps import RunContext, StepResult, step_type
 from slimkit.recipes.steps.base import Saver
-from slimkit.recipes.steps.saving import SavedModel, format_named
+from slimkit.recipes.steps.saving import SavedModel, first_format, format_named, format_of
 from slimkit.report import Report
 from slimkit.tasks import TaskAdapter, build_task, check_labels_fit
 from slimkit.train import distributed
@@ -57,7 +58,10 @@ class _Current:
         if not isinstance(result, StepResult):
             raise TypeError(f"a recipe step must return a StepResult, got {type(result).__name__}")
         self.model = result.model
-        self.saver = result.saver or self.saver
+        if result.saver is not None:  # a new saver: its file name, unless the step names one
+            fmt = format_of(result.saver)
+            self.saver = result.saver
+            self.weights_name = fmt.file_name if fmt is not None else "model.safetensors"
         self.weights_name = result.weights_name or self.weights_name
 
 
@@ -73,13 +77,17 @@ class Snapshot:
 def run_recipe(recipe: Recipe, progress: bool = True, resume: bool = False) -> Path:
     """Run ``recipe`` into its output folder; ``resume`` goes on from an interrupted run of it
     (finished steps reused, the running step from its last checkpoint: see :mod:`slimkit.recipes.resume`)."""
-    if not distributed.is_main_process(distributed.current()):
+    env = distributed.current()
+    if not distributed.is_main_process(env):
         # Under torchrun every rank runs every step (training is data-parallel); only rank 0 keeps a folder.
         with tempfile.TemporaryDirectory(prefix="slimkit-rank-") as scratch, quiet_libraries(True):
             _run_into(recipe, Path(scratch) / "run", progress=False, resume=resume)
+        distributed.barrier(env)  # the folder returned exists once rank 0 has moved it into place
         return Path(recipe.output)
     with quiet_libraries(not progress):  # other libraries' bars and log lines (utils.quiet)
-        return _run_into(recipe, Path(recipe.output), progress, resume)
+        out = _run_into(recipe, Path(recipe.output), progress, resume)
+    distributed.barrier(env)
+    return out
 
 
 def _run_into(recipe: Recipe, out: Path, progress: bool, resume: bool = False) -> Path:
@@ -103,7 +111,8 @@ def _run(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool, res
     partial.note(log)
     base = _start(recipe, run_dir, log, progress)
     task, data = base.task, base.data
-    current = _Current(base.model)
+    fmt = first_format(base.model)  # a causal LM: a Hugging Face folder until a step stores it otherwise
+    current = _Current(base.model, fmt.saver, fmt.file_name)
     example = task.example_batch(data.test, recipe.measure.batch_size)
     snapshots = _reuse(partial, recipe, base, current)
     partial.begin()
@@ -112,7 +121,7 @@ def _run(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool, res
     measure_generation(snapshots, base)  # language models' tokens/s, while the snapshots hold their models
     _time_all(snapshots, example, task, recipe, log)
     _report(snapshots, task).save(run_dir)
-    current.saver(current.model, run_dir / current.weights_name)
+    _save_final(current, run_dir, base, Path(recipe.output))
     resolved = dict(recipe.to_dict(), output=str(Path(recipe.output)))
     (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     log.info("done in %.1f s: %s", time.perf_counter() - started, recipe.output)
@@ -236,8 +245,21 @@ def _saved_size(current: _Current, run_dir: Path) -> int:
     try:
         return current.saver(current.model, path)
     finally:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         path.parent.rmdir()
+
+
+def _save_final(current: _Current, run_dir: Path, base: RunContext, output: Path) -> None:
+    """The run's model; a Hugging Face folder gets the tokenizer too, so that it opens by itself."""
+    path = run_dir / current.weights_name
+    current.saver(current.model, path)
+    if path.is_dir():
+        if base.tokenizer is not None:
+            base.tokenizer.save_pretrained(str(path))
+        base.log.info(
+            "model: %s (a Hugging Face folder: AutoModelForCausalLM.from_pretrained opens it)",
+            output / current.weights_name,
+        )
 
 
 def _macs(model: torch.nn.Module, example: Any, log: logging.Logger) -> int | None:

@@ -131,6 +131,29 @@ def sum_across(values: list[float], env: DistEnv | None) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor_(t: torch.Tensor, env: DistEnv | None, op: str = "sum") -> torch.Tensor:
+    """``t`` in place: its element-wise ``op`` (sum, max, min) over the ranks; any device or dtype."""
+    if env is None:
+        return t
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    # nccl reduces CUDA tensors only; calibration statistics live on the CPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    moved = t.to(device)
+    dist.all_reduce(moved, ops[op])
+    if moved is not t:
+        t.copy_(moved)
+    return t
+
+
+def gather_objects(obj: object, env: DistEnv | None) -> list:
+    """Every rank's ``obj`` (picklable, tensors included), in rank order; ``[obj]`` when alone."""
+    if env is None:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(env: DistEnv | None) -> None:
     if env is not None:
         dist.barrier()

@@ -1,7 +1,7 @@
 """The processor slimkit runs on: what it can do, and how busy it is.
 
-- :func:`capability` names the instruction sets the kernels depend on (for benchmark
-  tables now; for choosing kernels by processor later).
+- :func:`capability` names the instruction sets the kernels depend on (benchmark tables,
+  ``slimkit info``, and :mod:`slimkit.utils.dispatch`, which chooses kernels by them).
 - :func:`fitted_threads` runs a block with one thread while the machine is
   oversubscribed: more runnable threads (other processes' plus this process's
   PyTorch threads) than cores.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,23 +32,26 @@ import torch
 
 #: Set to ``0`` to keep the thread count under load (e.g. when several Python threads run models at once).
 ADAPT_ENV = "SLIMKIT_ADAPT_THREADS"
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
 @functools.lru_cache(maxsize=1)
 def capability() -> dict[str, object]:
-    """PyTorch's CPU capability (``AVX512``, ``AVX2``, ...) and which of :data:`FLAGS` the CPU has."""
+    """PyTorch's CPU capability (``AVX512``, ``AVX2``, ...), which of :data:`FLAGS` the CPU has, its model."""
     try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-        flags = next(
-            (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-        )
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
     except OSError:  # not Linux: the flags stay unknown
-        flags = []
+        lines = []
+
+    def field(name: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), "")
+
+    flags = field("flags").split()
     return {
         "torch": torch.backends.cpu.get_cpu_capability(),
         "flags": [f for f in FLAGS if f in flags],
         "cores": usable_cores(),
+        "model": field("model name") or platform.processor() or "unknown CPU",
     }
 
 

@@ -126,7 +126,13 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Load a safetensors file into ``model`` in place, naming any mismatch."""
-    state = load_weights_file(path)
+    return load_state(model, load_weights_file(path), path)
+
+
+def load_state(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
+) -> torch.nn.Module:
+    """Load ``state`` (read from ``path``, which errors name) into ``model`` in place, checked."""
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     wrong = [k for k in state if k in own and own[k].shape != state[k].shape]

@@ -14,12 +14,14 @@ from slimkit.quant.methods.qat import QATConfig
 from slimkit.quant.methods.bf16 import BF16Config
 from slimkit.quant.methods.mixed import MixedPrecisionConfig
 from slimkit.quant.methods.awq import AWQConfig
+from slimkit.quant.methods.codebook import CodebookConfig
 
 # isort: on
 
 __all__ = [
     "AWQConfig",
     "BF16Config",
+    "CodebookConfig",
     "Int8DynamicConfig",
     "Int8StaticConfig",
     "MixedPrecisionConfig",

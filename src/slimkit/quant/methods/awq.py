@@ -35,6 +35,8 @@ from slimkit.quant.method import QuantMethod, register_method
 from slimkit.quant.methods.weight_only import METHOD as WEIGHT_ONLY
 from slimkit.quant.methods.weight_only import WeightOnlyConfig, weight_only_codec
 from slimkit.quant.modules import WeightOnlyLinear
+from slimkit.quant.scale_search import search_scales
+from slimkit.quant.sequential import by_block_when
 
 
 @dataclass
@@ -91,19 +93,20 @@ def awq_search(
     weight: torch.Tensor, mean_abs: torch.Tensor, x: torch.Tensor, spec: QSpec, grid: int
 ) -> tuple[torch.Tensor, float]:
     """The per-input-channel scales (and their ``alpha``) that minimise ``||x W^T - x Q(W s)^T / s ...||``."""
-    ref = x @ weight.t()
     base = mean_abs.clamp(min=1e-8)
-    best, best_alpha, best_err = torch.ones_like(base), 0.0, float("inf")
-    for i in range(grid):
-        alpha = i / grid
+
+    def scales_for(alpha: float) -> torch.Tensor:
         s = base.pow(alpha)
-        s = s / (s.max() * s.min()).sqrt()  # centred around 1: the same rounding, better-conditioned numbers
+        return (
+            s / (s.max() * s.min()).sqrt()
+        )  # centred around 1: the same rounding, better-conditioned numbers
+
+    def output_for(s: torch.Tensor) -> torch.Tensor:
         q, scale, zero = quantize_tensor(weight * s, spec)
-        w_hat = dequantize(q, scale, zero, spec) / s
-        err = float((x @ w_hat.t() - ref).pow(2).mean())
-        if err < best_err:
-            best, best_alpha, best_err = s, alpha, err
-    return best, best_alpha
+        return x @ (dequantize(q, scale, zero, spec) / s).t()
+
+    s, alpha, _ = search_scales(x, weight, [i / grid for i in range(grid)], scales_for, output_for)
+    return s, alpha
 
 
 class AWQ(QuantMethod):
@@ -130,17 +133,7 @@ class AWQ(QuantMethod):
         return layer
 
     def calibrates_by_block(self, config: AWQConfig, model: nn.Module) -> bool:
-        if config.sequential is False:
-            return False
-        from slimkit.quant.sequential import block_list
-
-        if block_list(model) is None:
-            return False
-        if config.sequential is None:
-            from slimkit.models.causal_lm import is_causal_lm
-
-            return is_causal_lm(model)
-        return True
+        return by_block_when(model, config.sequential)
 
     def weight_bytes(self, config: AWQConfig, module: nn.Module) -> float:
         n = module.weight.numel()

@@ -15,6 +15,7 @@ from slimkit.quant.builders import int8_layer, smoothed_int8_weight, smoothquant
 from slimkit.quant.codecs import INT8_CODECS
 from slimkit.quant.method import QuantMethod, no_runtime_form, register_method
 from slimkit.quant.observers import OBSERVERS, Observer, make_observer
+from slimkit.train.distributed import DistEnv
 
 
 @dataclass
@@ -63,6 +64,9 @@ class ChannelRanges:
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.observer.range()
 
+    def all_reduce_(self, env: DistEnv | None) -> None:
+        self.observer.all_reduce_(env)
+
 
 class Int8Static(QuantMethod):
     name = "int8_static"
@@ -83,9 +87,9 @@ class Int8Static(QuantMethod):
         return out | smoothquant_collectors(config, module)
 
     def build(self, config: Int8StaticConfig, module: nn.Module, collectors: dict[str, Any]) -> nn.Module:
-        q, w_scale, in_scale = smoothed_int8_weight(module, config, collectors)
+        q, w_scale, in_scale, alpha = smoothed_int8_weight(module, config, collectors)
         x_qparams = _activation_qparams(config, collectors, in_scale)
-        return int8_layer(module, q, w_scale, "static", "tensor", x_qparams, in_scale)
+        return int8_layer(module, q, w_scale, "static", "tensor", x_qparams, in_scale, alpha)
 
     def fold_batchnorm(self, config: Int8StaticConfig) -> bool:
         return config.fold_batchnorm

@@ -15,6 +15,7 @@ from slimkit.quant.codecs import Info, LayerCodec
 from slimkit.quant.gptq import HessianAccumulator, gptq_quantize
 from slimkit.quant.method import QuantMethod, register_method
 from slimkit.quant.modules import WeightOnlyLinear
+from slimkit.quant.sequential import by_block_when
 
 
 @dataclass
@@ -110,24 +111,14 @@ class WeightOnly(QuantMethod):
             spec = QSpec(4, config.symmetric, "group", 0, config.group_size)
         if "hessian" in collectors:
             q, scale, zero = gptq_quantize(
-                w2d, collectors["hessian"].h, spec, config.damp, config.block_size, config.act_order
+                w2d, collectors["hessian"].hessian(), spec, config.damp, config.block_size, config.act_order
             )
         else:
             q, scale, zero = quantize_tensor(w2d, spec)
         return WeightOnlyLinear.from_float(module, q, scale, zero, config.bits, config.group_size)
 
     def calibrates_by_block(self, config: WeightOnlyConfig, model: nn.Module) -> bool:
-        if config.algorithm != "gptq" or config.sequential is False:
-            return False
-        from slimkit.quant.sequential import block_list
-
-        if block_list(model) is None:
-            return False
-        if config.sequential is None:
-            from slimkit.models.causal_lm import is_causal_lm
-
-            return is_causal_lm(model)
-        return True
+        return config.algorithm == "gptq" and by_block_when(model, config.sequential)
 
     def true_sequential(self, config: WeightOnlyConfig) -> bool:
         return config.true_sequential

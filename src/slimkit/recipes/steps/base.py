@@ -32,7 +32,7 @@ from slimkit.errors import ConfigError
 from slimkit.recipes.measure import MeasureConfig
 from slimkit.recipes.steps.saving import SavedModel, Saver, StepCheckpoints
 from slimkit.tasks import TaskAdapter
-from slimkit.train import Callback, TrainConfig, Trainer, TrainResult
+from slimkit.train import Callback, TrainConfig, Trainer, TrainResult, distributed
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,31 @@ class RunContext:
             self.log.info("  training resumes from its last checkpoint (%s)", folder.name)
         return [self.checkpoints.callback(folder)], resume_from
 
-    def calibration_batches(self, n: int, batch_size: int = 32, split: str = "train") -> list[Any]:
-        """At least ``n`` samples (whole batches, in order) from the start of a split, for calibration."""
+    def calibration_batches(
+        self, n: int, batch_size: int = 32, split: str = "train", shard: bool = False
+    ) -> list[Any]:
+        """At least ``n`` samples (whole batches, in order) from the start of a split, for calibration.
+
+        ``shard``: under torchrun, this process's share of those batches (rank-strided, whole
+        batches), for a caller whose statistics are summed across the processes (quantize):
+        N processes then calibrate on the very batches one process would.
+        """
         out, seen = [], 0
         for batch in self.task.loader(getattr(self.data, split), batch_size):
             out.append(batch)
             seen += batch_len(batch)
             if seen >= n:
                 break
-        return out
+        env = distributed.current() if shard else None
+        if env is None:
+            return out
+        if len(out) < env.world_size:
+            raise ConfigError(
+                "calibration_samples",
+                f"{n} samples make {len(out)} batch(es) of {batch_size}, fewer than the {env.world_size} "
+                f"processes under torchrun (each needs one): use at least {env.world_size * batch_size}",
+            )
+        return out[env.rank :: env.world_size]
 
 
 @dataclass(frozen=True)

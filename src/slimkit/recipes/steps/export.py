@@ -30,6 +30,7 @@ from slimkit.errors import ConfigError
 from slimkit.quant import onnx_problem
 from slimkit.recipes.steps.base import RunContext, StepResult, moved_under, register_step
 from slimkit.recipes.steps.saving import SavedModel, register_format
+from slimkit.utils import dispatch
 from slimkit.utils.io import atomic_path
 
 ONNX_NAME = "model.onnx"
@@ -121,5 +122,5 @@ def run_export(ctx: RunContext, cfg: ExportStep) -> StepResult:
     path = ctx.run_dir / ONNX_NAME
     model = to_onnxruntime(ctx.model, example, path, threads=settings.threads)
     ctx.log.info("export: %s, %d bytes", path.name, path.stat().st_size)
-    notes = {"runtime": "onnxruntime", "onnx_file": ONNX_NAME}
+    notes = {"runtime": "onnxruntime", "onnx_file": ONNX_NAME, "ort_int8": dispatch.ort_int8().line()}
     return StepResult(model, saver=save_onnx, weights_name=ONNX_NAME, notes=notes)

@@ -1,6 +1,6 @@
 """The ``prune`` step: one pruning method, with optional recovery training.
 
-YAML (exactly one of ``magnitude``, ``gradual``, ``structured``)::
+YAML (exactly one of ``magnitude``, ``gradual``, ``structured``, ``depth``)::
 
     - type: prune
       structured: {ratio: 0.5, importance: taylor}
@@ -11,9 +11,20 @@ YAML (exactly one of ``magnitude``, ``gradual``, ``structured``)::
       gradual: {final_sparsity: 0.7, end_step: 80, frequency: 10}
       train: {epochs: 8, lr: 0.001}  # gradual pruning happens during this training
 
+    - type: prune                   # decoder LLMs: FFN neurons and one KV group of three
+      structured: {ratio: 0.25, head_ratio: 0.34, gqa: groups, importance: activation}
+      calibration_samples: 32
+
+    - type: prune                   # drop 8 whole decoder blocks (ShortGPT block influence)
+      depth: {blocks: 8, importance: angular}
+      calibration_samples: 32
+
 Unstructured results (magnitude, gradual) are finalised and stored in the
 sparse format, so the report's size column is the sparse file; structured
-results store their new shapes with the weights.
+results store their new shapes with the weights; a causal LM whose blocks all kept the same
+shapes (and a depth-pruned one) is stored as a Hugging Face folder with its config updated, which
+``AutoModelForCausalLM.from_pretrained`` opens; one whose blocks differ stays in slimkit's pruned
+format (the step's ``saved_as`` note says which).
 """
 
 from __future__ import annotations
@@ -22,7 +33,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from slimkit.config import positive_int, require, to_dict
+from slimkit.models.causal_lm import is_causal_lm
+from slimkit.models.hf_folder import folder_form_problem, save_hf_folder
 from slimkit.prune import (
+    DepthConfig,
     GradualConfig,
     MagnitudeConfig,
     StructuredConfig,
@@ -37,7 +51,7 @@ from slimkit.recipes.steps.base import TRAIN_MOVED, RunContext, StepResult, regi
 from slimkit.recipes.steps.saving import register_format
 from slimkit.train import TrainConfig
 
-METHODS = ("magnitude", "gradual", "structured")
+METHODS = ("magnitude", "gradual", "structured", "depth")
 
 # How the run keeps a pruned model for --resume: load_pruned shrinks the model before the step first.
 register_format("sparse", save_sparse, load_sparse)
@@ -49,8 +63,11 @@ class PruneStep:
     magnitude: MagnitudeConfig | None = None
     gradual: GradualConfig | None = None
     structured: StructuredConfig | None = None
+    depth: DepthConfig | None = None
     train: TrainConfig | None = None  # recovery training after (gradual: during) pruning
-    calibration_samples: int = 256  # structured: samples from the train split for data-driven importance
+    calibration_samples: int = (
+        256  # structured, depth: samples from the train split for data-driven importance
+    )
 
     MOVED: ClassVar[dict[str, str]] = {"finetune": TRAIN_MOVED}
 
@@ -59,7 +76,7 @@ class PruneStep:
         require(
             len(given) == 1,
             given[-1] if given else "magnitude",
-            "give exactly one of magnitude, gradual or structured",
+            "give exactly one of magnitude, gradual, structured or depth",
         )
         require(
             self.gradual is None or self.train is not None,
@@ -69,7 +86,7 @@ class PruneStep:
         positive_int(self.calibration_samples, "calibration_samples")
 
     def to_yaml(self) -> dict[str, Any]:
-        """The method given, under its key (the two left out are not written as nulls)."""
+        """The method given, under its key (the ones left out are not written as nulls)."""
         return {k: v for k, v in to_dict(self).items() if k not in METHODS or v is not None}
 
     @property
@@ -78,10 +95,13 @@ class PruneStep:
 
 
 @register_step(
-    "prune", config=PruneStep, doc="magnitude, gradual or structured pruning, with optional recovery training"
+    "prune",
+    config=PruneStep,
+    doc="magnitude, gradual, structured or depth pruning, with optional recovery training",
 )
 def run_prune(ctx: RunContext, cfg: PruneStep) -> StepResult:
-    return _structured(ctx, cfg) if cfg.structured is not None else _unstructured(ctx, cfg)
+    shaped = cfg.structured is not None or cfg.depth is not None
+    return _structured(ctx, cfg) if shaped else _unstructured(ctx, cfg)
 
 
 def _unstructured(ctx: RunContext, cfg: PruneStep) -> StepResult:
@@ -105,10 +125,10 @@ def _unstructured(ctx: RunContext, cfg: PruneStep) -> StepResult:
 def _structured(ctx: RunContext, cfg: PruneStep) -> StepResult:
     model, task = ctx.model, ctx.task
     calibration = ctx.calibration_batches(cfg.calibration_samples)
-    with under("structured"):
+    with under(cfg.method):
         summary = prune_(
             model,
-            cfg.structured,
+            cfg.structured or cfg.depth,
             calibration=calibration,
             forward=task.forward,
             loss_fn=lambda m, b: task.loss_fn(task.forward(m, b), b),
@@ -121,5 +141,20 @@ def _structured(ctx: RunContext, cfg: PruneStep) -> StepResult:
         "groups_pruned": len(summary.groups),
         "groups_skipped": len(summary.skipped),
     }
-    ctx.log.info("prune (structured):\n%s", summary.table())
-    return StepResult(model, saver=save_pruned, notes=notes)
+    if summary.details:
+        notes["depth"] = summary.details
+    if summary.non_uniform:
+        notes["non_uniform"] = summary.non_uniform
+    ctx.log.info("prune (%s):\n%s", cfg.method, summary.table())
+    saver, notes["saved_as"] = _shaped_saver(model)
+    return StepResult(model, saver=saver, notes=notes)
+
+
+def _shaped_saver(model) -> tuple:
+    """A Hugging Face folder for a causal LM that still has one (uniform blocks), else the pruned format."""
+    if not is_causal_lm(model):
+        return save_pruned, "pruned"
+    problem = folder_form_problem(model)
+    if problem is None:
+        return save_hf_folder, "hf_folder"
+    return save_pruned, f"pruned (no Hugging Face form: {problem})"

@@ -15,7 +15,15 @@ YAML (the keys are the quant method table's names, so a newly registered method 
 
 After the step the quantized layers run on integer kernels and the run's
 weights file is written by :func:`slimkit.quant.save_quantized`, so the
-report's size is that of the packed file.
+report's size is that of the packed file. A causal LM whose only quantized
+layers are bf16 has no integer layer: it is kept as a plain bfloat16 Hugging
+Face folder instead (``hf_folder``, :mod:`slimkit.models.hf_folder`).
+
+Under ``torchrun --nproc_per_node=N slimkit run ...`` each process calibrates
+on every N-th of the calibration batches (``calibration_samples`` is the total,
+so at least N batches of 32) and the statistics are summed across the
+processes (:mod:`slimkit.quant.distributed`): the layers are those one process
+builds on all the batches; only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 
 from slimkit.config import from_dict, positive_int, require, to_dict
 from slimkit.errors import ConfigError
+from slimkit.models.causal_lm import is_causal_lm
 from slimkit.quant import (
     QATCallback,
     config_from_dict,
@@ -36,8 +45,10 @@ from slimkit.quant import (
     save_quantized,
 )
 from slimkit.quant.method import method_for
+from slimkit.quant.modules import BF16Linear
+from slimkit.quant.serialize import quantized_layers
 from slimkit.recipes.steps.base import RunContext, StepResult, register_step, under, without
-from slimkit.recipes.steps.saving import register_format
+from slimkit.recipes.steps.saving import HF_FOLDER, Saver, register_format
 from slimkit.train import TrainConfig
 
 SHARED = ("calibration_samples", "train")
@@ -148,7 +159,10 @@ def _needs_calibration(quant: Any) -> bool:
 def run_quantize(ctx: RunContext, cfg: QuantizeStep) -> StepResult:
     model, quant = ctx.model, cfg.quant
     notes: dict[str, Any] = {}
-    batches = ctx.calibration_batches(cfg.calibration_samples) if _needs_calibration(quant) else None
+    # Under torchrun each process takes its share; quantize_ sums the statistics across them.
+    batches = (
+        ctx.calibration_batches(cfg.calibration_samples, shard=True) if _needs_calibration(quant) else None
+    )
     with under(quant.method):
         summary = quantize_(model, quant, calibration_data=batches, forward=ctx.task.forward)
         if _trains(quant):  # quantize_ only prepared (fake-quantized layers): train, then convert
@@ -161,6 +175,7 @@ def run_quantize(ctx: RunContext, cfg: QuantizeStep) -> StepResult:
         quantized_layers=len(summary.quantized),
         kept_float=sorted(summary.skipped),
         folded_batchnorms=len(summary.folded),
+        kernels=summary.kernels,
     )
     if summary.analysis is not None:
         from slimkit.quant.sensitivity import plot_sensitivity
@@ -175,4 +190,14 @@ def run_quantize(ctx: RunContext, cfg: QuantizeStep) -> StepResult:
         len(summary.skipped),
         len(summary.folded),
     )
-    return StepResult(model, saver=save_quantized, notes=notes)
+    for path, choice in summary.kernels.items():  # chosen by the processor (slimkit.utils.dispatch)
+        ctx.log.info("quantize: %s runs on %s", path, choice)
+    return StepResult(model, saver=_saver(model), notes=notes)
+
+
+def _saver(model: Any) -> Saver:
+    """A causal LM with bf16 layers only: a plain (bfloat16) Hugging Face folder; else the packed file."""
+    layers = quantized_layers(model)
+    if is_causal_lm(model) and layers and all(isinstance(m, BF16Linear) for m, _ in layers.values()):
+        return HF_FOLDER.saver
+    return save_quantized

@@ -7,7 +7,9 @@ Two things, both written by the runner into the run's resumable state
   (sparse, pruned, quantized, ONNX). A saver is paired here with the loader
   that reads its files back (:func:`register_format`); a step type rebuilds
   the model that such a file loads into with its ``restore`` hook
-  (see :func:`slimkit.recipes.steps.base.register_step`);
+  (see :func:`slimkit.recipes.steps.base.register_step`). A causal LM starts
+  in the ``hf_folder`` format (:func:`first_format`): a plain Hugging Face
+  folder as long as it has no integer layers;
 - the trainer checkpoints of the step that is running: ``ctx.train`` writes one
   at the end of every epoch into the folder :class:`StepCheckpoints` gives it,
   and resumes from it when the step runs again.
@@ -19,8 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from slimkit.models.causal_lm import is_causal_lm
+from slimkit.models.hf_folder import bf16_linears, load_hf_folder, save_hf_folder
+from slimkit.quant.modules import BF16Linear
+from slimkit.quant.plan import set_module
 from slimkit.train import Callback
 from slimkit.utils.io import load_weights, save_weights
 
@@ -35,17 +42,21 @@ class ModelFormat:
     name: str
     saver: Saver
     loader: Loader
+    file_name: str = "model.safetensors"  # its name in the run folder (a folder for hf_folder)
 
 
 _FORMATS: dict[str, ModelFormat] = {}
 
 
-def register_format(name: str, saver: Saver, loader: Loader) -> ModelFormat:
-    """Pair ``saver`` with ``loader`` under ``name`` (names and savers are unique)."""
+def register_format(
+    name: str, saver: Saver, loader: Loader, file_name: str = "model.safetensors"
+) -> ModelFormat:
+    """Pair ``saver`` with ``loader`` under ``name`` (names and savers are unique); ``file_name`` is
+    what the run folder calls the saved model when the step that sets the saver names none."""
     for known in _FORMATS.values():
         if known.name == name or known.saver is saver:
             raise ValueError(f"model format {name!r}: {known.name!r} already registers this name or saver")
-    _FORMATS[name] = ModelFormat(name, saver, loader)
+    _FORMATS[name] = ModelFormat(name, saver, loader, file_name)
     return _FORMATS[name]
 
 
@@ -59,6 +70,44 @@ def format_named(name: str) -> ModelFormat:
 
 
 WEIGHTS = register_format("weights", save_weights, load_weights)
+
+
+def load_model_folder(model: nn.Module, path: Path) -> nn.Module:
+    """Fill the float model from a Hugging Face folder, its bfloat16 Linear layers rebuilt as such.
+
+    A folder whose config has other shapes (a pruned model: fewer blocks, heads or neurons) is
+    loaded into a model of the same class built from the folder's config.
+    """
+    model = _shaped_like_folder(model, path)
+    for name in bf16_linears(path):
+        set_module(model, name, BF16Linear.from_float(model.get_submodule(name)))
+    return load_hf_folder(model, path)
+
+
+def _shaped_like_folder(model: nn.Module, path: Path) -> nn.Module:
+    config = getattr(model, "config", None)
+    if config is None or not (Path(path) / "config.json").is_file():
+        return model
+    stored = type(config).from_pretrained(path)
+    with torch.device("meta"):
+        reference = type(model)(stored)
+    shapes = {k: t.shape for k, t in model.state_dict().items()}
+    if {k: t.shape for k, t in reference.state_dict().items()} == shapes:
+        return model
+    stored._attn_implementation = config._attn_implementation
+    fresh = type(model)(stored).to(next(model.parameters()).dtype)
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = model.generation_config
+    return fresh.train(model.training)
+
+
+# A causal LM with float (or bfloat16) weights is kept as a folder that Hugging Face opens by itself.
+HF_FOLDER = register_format("hf_folder", save_hf_folder, load_model_folder, file_name="model")
+
+
+def first_format(model: nn.Module) -> ModelFormat:
+    """How a run keeps the model it loaded until a step stores it otherwise."""
+    return HF_FOLDER if is_causal_lm(model) else WEIGHTS
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,202 @@
+"""Kernels chosen by the processor (issue 17 part 2): the table in slimkit.utils.dispatch, faked CPUs."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from slimkit.cli import main
+from slimkit.errors import ConfigError
+from slimkit.quant import BF16Config, Int8DynamicConfig, Int8StaticConfig, quantize_
+from slimkit.utils import cpu, dispatch
+from slimkit.utils.sysinfo import machine_line
+
+AVX2 = ["avx2"]
+VNNI = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """``fake_cpu(flags, mkldnn=True)``: the dispatch sees these flags; oneDNN on or off."""
+    for name in (dispatch.INT8_ENV, dispatch.BF16_ENV, dispatch.INT4_COMPUTE_ENV, dispatch.ORT_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+    def fake(flags, mkldnn=True):
+        info = {
+            "torch": "AVX512" if "avx512f" in flags else "AVX2",
+            "flags": flags,
+            "cores": 2,
+            "model": "fake",
+        }
+        monkeypatch.setattr(cpu, "capability", lambda: info)
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", mkldnn)
+
+    yield fake
+    torch.backends.mkldnn.enabled = True
+
+
+@pytest.mark.parametrize(
+    "flags, mkldnn, kernel, reduce_range",
+    [
+        (VNNI, True, "onednn", False),
+        (VNNI + ["amx_int8"], True, "onednn", False),
+        (VNNI, False, "fbgemm", False),  # oneDNN off: _int_mm's reference kernel; fbgemm has VNNI itself
+        (AVX2, True, "fbgemm", True),  # u8 x s8 pairs saturate in int16 without VNNI: 7-bit activations
+        (["avx2", "avx_vnni"], True, "fbgemm", True),  # PyTorch's _int_mm wants AVX-512 VNNI
+    ],
+)
+def test_int8_gemm_follows_the_cpu(fake_cpu, flags, mkldnn, kernel, reduce_range):
+    fake_cpu(flags, mkldnn)
+    choice = dispatch.int8_gemm()
+    assert (choice.kernel, choice.reduce_range) == (kernel, reduce_range)
+    assert choice.why and choice.path in choice.line()
+
+
+def test_int8_gemm_without_fbgemm_is_fp32_and_env_overrides(fake_cpu, monkeypatch):
+    fake_cpu(AVX2)
+    monkeypatch.setattr(dispatch, "_has_fbgemm", lambda: False)
+    assert dispatch.int8_gemm().kernel == "fp32"
+    monkeypatch.setenv(dispatch.INT8_ENV, "onednn")
+    forced = dispatch.int8_gemm()
+    # forced onto the slow kernel: it says so
+    assert forced.kernel == "onednn" and "0.05x" in forced.why and forced.slower
+    monkeypatch.setenv(dispatch.INT8_ENV, "cublas")
+    with pytest.raises(ConfigError, match=dispatch.INT8_ENV):
+        dispatch.int8_gemm()
+
+
+def test_bf16_int4_and_ort_follow_the_cpu(fake_cpu, monkeypatch):
+    fake_cpu(AVX2)
+    assert dispatch.bf16_compute().kernel == "fp32"
+    assert dispatch.int4_compute().kernel.endswith("fp32")
+    ort = dispatch.ort_int8()
+    assert (ort.kernel, ort.reduce_range) == ("reduce_range", True)
+    assert dispatch.int8_conv().kernel == "fp32"
+    fake_cpu(VNNI)
+    assert dispatch.bf16_compute().kernel == "bf16"
+    assert dispatch.int4_compute().kernel.endswith("bf16")
+    assert dispatch.ort_int8().kernel == "u8s8"
+    fake_cpu(["avx2", "amx_bf16"])
+    assert dispatch.bf16_compute().kernel == "bf16"
+    monkeypatch.setenv(dispatch.ORT_ENV, "u8u8")
+    monkeypatch.setenv(dispatch.BF16_ENV, "fp32")
+    assert dispatch.ort_int8().kernel == "u8u8" and dispatch.bf16_compute().kernel == "fp32"
+
+
+def _mlp() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32)).eval(), torch.randn(200, 64)
+
+
+CONFIGS = [Int8DynamicConfig(), Int8DynamicConfig(activation_granularity="tensor"), Int8StaticConfig()]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["token", "tensor", "static"])
+def test_quant_linear_fallbacks_match_the_int8_reference(fake_cpu, monkeypatch, config):
+    model, x = _mlp()
+    q = copy.deepcopy(model)
+    quantize_(q, config, calibration_data=[x[:100], x[100:]])
+    with torch.no_grad():
+        fp, ref = model(x), q(x)  # the oneDNN path (this machine)
+        int8_err = ((ref - fp).norm() / fp.norm()).item()
+
+        def never(*args):
+            raise AssertionError("torch._int_mm called on the fallback path")
+
+        monkeypatch.setattr(torch, "_int_mm", never)
+        fake_cpu(VNNI, mkldnn=False)  # fbgemm with VNNI: the same 8-bit codes
+        same = q(x)
+        fake_cpu(AVX2, mkldnn=False)  # fbgemm with 7-bit activations
+        seven = q(x)
+        monkeypatch.setenv(dispatch.INT8_ENV, "fp32")
+        plain = q(x)
+    # one code may differ at a rounding tie (fbgemm adds the zero point before rounding)
+    assert (same - ref).abs().max().item() < 2e-2 * ref.abs().max().item()
+    assert torch.allclose(same, ref, atol=1e-4) or config.activation_granularity == "token"
+    assert ((seven - fp).norm() / fp.norm()).item() < 3 * int8_err  # 7 bits: about twice int8's error
+    assert ((plain - fp).norm() / fp.norm()).item() < int8_err  # weights only quantized
+
+
+def test_conv_and_bf16_fall_back_to_float32(fake_cpu):
+    torch.manual_seed(0)
+    conv, x = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval(), torch.randn(2, 3, 10, 10)
+    lin, t = nn.Sequential(nn.Linear(16, 8)).eval(), torch.randn(4, 16)
+    qc, qb = copy.deepcopy(conv), copy.deepcopy(lin)
+    quantize_(qc, Int8DynamicConfig(activation_granularity="tensor"))
+    quantize_(qb, BF16Config())
+    fake_cpu(AVX2)
+    with torch.no_grad():
+        want = nn.functional.conv2d(x, qc[0].weight(), qc[0].bias(), padding=1)
+        assert torch.allclose(qc(x), want, atol=1e-5)
+        bf16_weights = qb[0].weight.float()
+        assert torch.allclose(qb(t), nn.functional.linear(t, bf16_weights, qb[0].bias.float()), atol=1e-5)
+
+
+def test_quantize_summary_and_log_say_which_kernel(fake_cpu, caplog):
+    model, x = _mlp()
+    fake_cpu(AVX2)
+    with caplog.at_level("INFO", logger="slimkit.quant"):
+        summary = quantize_(model, Int8DynamicConfig())
+    choice = summary.kernels["int8 dynamic/static Linear"]
+    assert choice.startswith("fbgemm (no AVX-512 VNNI") and "7 bits" in choice
+    assert "kernel: int8 dynamic/static Linear: fbgemm" in caplog.text
+
+
+def test_slimkit_info_prints_every_path(fake_cpu, capsys):
+    fake_cpu(AVX2)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for line in ("int8 dynamic/static Linear: fbgemm", "int8 weight-only: _weight_int8pack_mm",
+                 "int4 weight-only: _weight_int4pack_mm in fp32", "bf16: fp32", "ONNX Runtime int8: reduce_range"):  # fmt: skip
+        assert line in out
+    assert "versions: slimkit" in out and "torch cpu capability: AVX2" in out
+
+
+def test_slimkit_info_loads_no_heavy_dependency():
+    code = (
+        "import sys; from slimkit.cli import main; assert main(['info', '--json']) == 0; "
+        "heavy = [m for m in ('transformers', 'onnx', 'onnxruntime', 'sklearn', 'scipy') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"kernels"' in done.stdout
+
+
+def test_machine_line_has_capability_and_load():
+    line = machine_line()
+    assert torch.backends.cpu.get_cpu_capability() in line and "load average" in line
+
+
+@pytest.mark.parametrize("mode", ["reduce_range", "u8u8"])
+def test_ort_int8_weights_adapted_for_cpus_without_vnni(tmp_path, mode):
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import numpy_helper
+
+    from slimkit.export.onnx import OrtModule, adapt_int8_weights, export_onnx, share_input_quantization
+
+    float_model, x = _mlp()
+    model = copy.deepcopy(float_model)
+    quantize_(model, Int8DynamicConfig(activation_granularity="tensor"))
+    base, path = tmp_path / "u8s8.onnx", tmp_path / f"{mode}.onnx"
+    for p in (base, path):
+        export_onnx(model, {"input": x}, p)
+        share_input_quantization(p)
+    assert adapt_int8_weights(path, mode) == 2  # both int8 MatMuls
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+    codes = [w for w in weights if w.dtype.itemsize == 1 and w.ndim == 2]
+    ref, out = OrtModule(base)(input=x), OrtModule(path)(input=x)
+    with torch.no_grad():
+        fp = float_model(x)
+    if mode == "u8u8":  # the same codes, unsigned: the same result
+        assert all(w.dtype.kind == "u" for w in codes)
+        assert torch.allclose(out, ref, atol=1e-5)
+    else:  # 7-bit codes: |q| <= 64, so no u8 x s8 pair reaches int16's limit
+        assert all(int(abs(w.astype(int)).max()) <= 64 for w in codes)
+        assert ((out - fp).norm() / fp.norm()).item() < 3 * ((ref - fp).norm() / fp.norm()).item()
