@@ -31,15 +31,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimkit.data import load_mnist
 from slimkit.models.builtin import LeNet300100
 from slimkit.prune import GradualConfig, GradualPruningCallback, finalize_, load_sparse, save_sparse
 from slimkit.quant import CodebookConfig, convert_, load_compressed, quantize_, save_compressed
+from slimkit.quant.codebook import CodebookConv2d
 from slimkit.utils.io import save_weights, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prune import fit, machine, table, test_accuracy  # noqa: E402  (the pruning benchmark's helpers)
-
-from slimkit.data import load_mnist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +94,11 @@ def _exact_reload(model, build, path: Path, x: torch.Tensor) -> bool:
         return same and torch.equal(model.eval()(x), fresh.eval()(x))
 
 
+def _bits_label(model, args) -> str:
+    has_conv = any(isinstance(m, (nn.Conv2d, CodebookConv2d)) for m in model.modules())
+    return f"{args.conv_bits}-bit conv / {args.fc_bits}-bit fc" if has_conv else f"{args.fc_bits}-bit"
+
+
 def _nonzero_fraction(model) -> float:
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     return sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights)
@@ -117,7 +122,7 @@ def bench_model(key: str, args, out: dict) -> str:
             f"pruned {100 * sparsity:.0f}% (bitmask + fp32 values)": (
                 pruned, save_sparse(pruned, tmp / "sparse.safetensors"),
                 _sparse_exact(pruned, build, tmp / "sparse.safetensors")),
-            f"+ shared weights ({args.conv_bits}-bit conv / {args.fc_bits}-bit fc, packed)": (
+            f"+ shared weights ({_bits_label(shared, args)}, packed)": (
                 shared, save_compressed(shared, tmp / "packed.slim", ("raw", "bitpack")),
                 _exact_reload(shared, build, tmp / "packed.slim", x)),
             "+ entropy coding (best of Huffman/zlib/bz2/lzma per tensor)": (

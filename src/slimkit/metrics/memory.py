@@ -22,14 +22,15 @@ import threading
 import time
 from pathlib import Path
 
-from slimkit.metrics.model import _hwm, _release_free_memory, _reset_hwm, _rss
+from slimkit.metrics.model import _hwm, _reset_hwm, _rss
+from slimkit.utils.memory import release_free_memory
 
 
 def rss_bytes() -> int:
     """The process's resident memory now, in bytes (freed heap returned to the system first)."""
     if not Path("/proc/self/statm").exists():
         raise OSError("rss_bytes needs Linux /proc to read resident memory")
-    _release_free_memory()
+    release_free_memory()
     return _rss()
 
 

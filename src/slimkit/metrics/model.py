@@ -6,7 +6,6 @@ None of these functions changes the model (weights, dtype, train/eval mode).
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import tempfile
 import threading
@@ -24,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from slimkit.errors import ModelError
 from slimkit.metrics.modes import eval_mode
 from slimkit.utils.io import save_weights
+from slimkit.utils.memory import release_free_memory
 
 
 def _effective_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -257,15 +257,6 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _release_free_memory() -> None:
-    # Freed heap kept by malloc would hide the call's own allocations.
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def peak_memory(fn: Callable[[], Any], interval: float = 0.0005) -> MemoryStats:
     """Peak rise of the process's resident memory (RSS) during one call of ``fn`` (Linux).
 
@@ -274,7 +265,7 @@ def peak_memory(fn: Callable[[], Any], interval: float = 0.0005) -> MemoryStats:
     """
     if not Path("/proc/self/statm").exists():
         raise OSError("peak_memory needs Linux /proc to read resident memory")
-    _release_free_memory()
+    release_free_memory()
     baseline = _rss()
     if _reset_hwm():
         with torch.inference_mode():

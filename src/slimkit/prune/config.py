@@ -140,7 +140,8 @@ class StructuredConfig:
     ``gqa`` prunes grouped-query attentions (Llama, Qwen2...; :mod:`slimkit.prune.attention`), whose
     heads the traced graph leaves alone: ``groups`` removes ``floor(head_ratio x kv_heads)`` whole
     key/value groups with their query heads, ``heads`` removes ``floor(head_ratio x heads per
-    group)`` query heads from every group; ``None`` leaves them.
+    group)`` query heads from every group (per attention, also with ``global_ranking``); ``None``
+    leaves them.
     """
 
     ratio: float = 0.5

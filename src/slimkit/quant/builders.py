@@ -19,7 +19,7 @@ from slimkit.quant.method import method_for
 from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quant.observers import make_observer
 from slimkit.quant.plan import EMBEDDING_CONFIG
-from slimkit.quant.scale_search import search_scales
+from slimkit.quant.scale_search import row_relative_mse, search_scales
 from slimkit.quant.smoothquant import smoothing_factors
 
 INT8_ROWS = QSpec(8, True, "channel", 0)
@@ -101,7 +101,7 @@ def auto_smoothquant_alpha(
 
     Tried: no smoothing first (so a layer smoothing does not help stays as it
     was), then ``i / smoothquant_grid`` for ``i = 0 .. smoothquant_grid``.
-    Returns it and each candidate's mean squared output error.
+    Returns it and each candidate's error (:func:`row_relative_mse`: every token counts alike).
     """
     grid = cfg.smoothquant_grid
     _, alpha, errors = search_scales(
@@ -110,6 +110,7 @@ def auto_smoothquant_alpha(
         [None, *(i / grid for i in range(grid + 1))],
         lambda a: None if a is None else smoothing_factors(absmax, w2d, a),
         lambda s: w8a8_output(x, w2d, s, cfg),
+        row_relative_mse,
     )
     return alpha, errors
 

@@ -15,6 +15,8 @@ import torch
 from slimkit.quant.affine import QSpec, dequantize, minmax, qparams, quantize
 from slimkit.train.distributed import DistEnv, all_reduce_tensor_, sum_across
 
+_ROWS_PER_UPDATE = 4096
+
 
 class HessianAccumulator:
     """Running ``2/n * X^T X`` of a layer's inputs (rows of the flattened activations)."""
@@ -24,9 +26,13 @@ class HessianAccumulator:
         self.n = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).double()
+        x2 = x.detach().reshape(-1, x.shape[-1])
         total = self.n + x2.shape[0]
-        self.h.mul_(self.n / total).add_(x2.t() @ x2, alpha=2.0 / total)
+        self.h.mul_(self.n / total)
+        # In row chunks: a float64 copy of a whole calibration batch (32 x 1024 tokens x 1536) is 400 MB.
+        for i in range(0, x2.shape[0], _ROWS_PER_UPDATE):
+            rows = x2[i : i + _ROWS_PER_UPDATE].double()
+            self.h.add_(rows.t() @ rows, alpha=2.0 / total)
         self.n = total
 
     def hessian(self) -> torch.Tensor:

@@ -40,10 +40,11 @@ cos/sin) are kept once, and a model's key/value cache is never passed to the
 blocks (it would grow with every pass). ``micro_batch`` runs the blocks on at
 most that many samples at a time (exactly as if the batches had been given
 that small), bounding the block's activations and each collector update;
-``hold`` keeps the inputs in bfloat16 or on disk. Measured as the peak RSS
-during the call minus the RSS before the model was loaded, over the fp32
-model's parameter bytes (SmolLM2-135M, 128 x 1024 tokens, GPTQ g64
-true-sequential): see the README's calibration memory table.
+``hold`` keeps the inputs in bfloat16 or on disk. Calibration memory is
+measured (``slimkit.metrics.PeakRSS``) as the peak RSS during the call minus
+the RSS before the model was loaded, over the fp32 model's parameter bytes.
+With the inputs held in float32 it cannot be below 1 + inputs / model bytes
+(SmolLM2-135M, 128 x 1024 tokens: 1 + 288 MiB / 513 MiB = 1.56x).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from slimkit.quant.distributed import (
 from slimkit.quant.method import method_for
 from slimkit.quant.plan import Plan, build_plan, get_module, layer_method, set_module
 from slimkit.quant.summary import QuantSummary
+from slimkit.utils.memory import release_free_memory
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
 
@@ -276,6 +278,7 @@ def _calibrate_blocks(
         if i + 1 < len(blocks):
             for j in range(len(inputs)):  # in place: one batch's outputs replace its inputs
                 inputs.set_hidden(j, _first(_run_block((i, block), j, *inputs.get(j))))
+        release_free_memory()  # the block's temporaries: freed, but glibc would keep them resident
 
 
 def _run_block(block: tuple[int, nn.Module], j: int, args: tuple, kwargs: dict) -> Any:

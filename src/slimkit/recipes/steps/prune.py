@@ -124,7 +124,10 @@ def _unstructured(ctx: RunContext, cfg: PruneStep) -> StepResult:
 
 def _structured(ctx: RunContext, cfg: PruneStep) -> StepResult:
     model, task = ctx.model, ctx.task
-    calibration = ctx.calibration_batches(cfg.calibration_samples)
+    # a causal LM's batch makes batch x seq_len x vocab logits: one window per batch bounds them
+    calibration = ctx.calibration_batches(
+        cfg.calibration_samples, batch_size=1 if is_causal_lm(model) else 32
+    )
     with under(cfg.method):
         summary = prune_(
             model,
