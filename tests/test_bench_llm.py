@@ -14,7 +14,7 @@ from slimkit.recipes.lm_measure import prompt_rows
 from tests.llm_helpers import tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ["bf16", "int8", "rtn", "gptq", "sq", "rtn_g64_head"]
+ROWS = ["bf16", "int8", "rtn", "gptq", "sq", "rtn_g64_head", "gptq_g64_head8"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,7 @@ def test_every_row_is_scored_sized_and_timed(result):
         "gptq": "2/15",
         "sq": "14/15",
         "rtn_g64_head": "15/15",
+        "gptq_g64_head8": "15/15",
         "bf16": "15/15 bf16",
     }
     assert rows["rtn_g64_head"]["file_bytes"] < rows["int8"]["file_bytes"] < rows["fp32"]["file_bytes"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimkit.config import from_dict, require
+from slimkit.config import from_dict, one_of, positive_int, require
 from slimkit.errors import ConfigError
 from slimkit.quant.method import is_layer_config, is_quant_config, method_for, method_named, method_names
 
@@ -59,6 +59,38 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         return False
+
+
+HOLDS = ("memory", "bfloat16", "disk")  # where block-by-block calibration keeps a block's inputs
+
+
+@dataclass
+class BlockCalibration(QuantConfig):
+    """Fields of the methods that can calibrate a stack of repeated blocks one block at a time.
+
+    ``sequential``: block by block (null: on for causal LMs, whose logits are
+    then never made). ``micro_batch``: run the blocks on at most this many
+    calibration samples at a time (the same result as giving batches that
+    small; bounds the activations of one block pass). ``hold_inputs``: where
+    the current block's inputs are kept between passes: ``memory`` (float, as
+    computed), ``bfloat16`` (half the bytes; rounded) or ``disk`` (a temporary
+    folder, read back one batch at a time; same numbers, least memory).
+    """
+
+    sequential: bool | None = None
+    micro_batch: int | None = None
+    hold_inputs: str = "memory"
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(
+            self.sequential is None or isinstance(self.sequential, bool),
+            "sequential",
+            "must be true, false or null",
+        )
+        if self.micro_batch is not None:
+            positive_int(self.micro_batch, "micro_batch")
+        one_of(self.hold_inputs, "hold_inputs", HOLDS)
 
 
 def sub_config(value: Any, name: str) -> Any:

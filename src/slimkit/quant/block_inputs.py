@@ -29,8 +29,7 @@ from typing import Any
 import torch
 
 from slimkit.batch import batch_len
-
-HOLDS = ("memory", "bfloat16", "disk")
+from slimkit.quant.base import HOLDS
 
 
 def split_batch(batch: Any, size: int | None) -> list[Any]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from slimkit.config import one_of, positive_int, require
 from slimkit.quant.affine import QSpec, dequantize, quantize_tensor
-from slimkit.quant.base import QuantConfig
+from slimkit.quant.base import BlockCalibration
 from slimkit.quant.collectors import ActivationSample
 from slimkit.quant.method import QuantMethod, register_method
 from slimkit.quant.methods.weight_only import METHOD as WEIGHT_ONLY
@@ -40,7 +40,7 @@ from slimkit.quant.sequential import by_block_when
 
 
 @dataclass
-class AWQConfig(QuantConfig):
+class AWQConfig(BlockCalibration):
     """int4 weights in groups of ``group_size`` (32, 64, 128) with AWQ's per-input-channel scales.
 
     ``grid``: number of ``alpha`` values tried in ``[0, 1)``; ``samples``: input
@@ -53,7 +53,6 @@ class AWQConfig(QuantConfig):
     symmetric: bool = True
     grid: int = 20
     samples: int = 512
-    sequential: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()

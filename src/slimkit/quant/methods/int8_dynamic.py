@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from slimkit.config import in_range, one_of, positive_int, require
-from slimkit.quant.base import WEIGHT_OBSERVERS, QuantConfig
+from slimkit.quant.base import WEIGHT_OBSERVERS, BlockCalibration
 from slimkit.quant.builders import int8_layer, smoothed_int8_weight, smoothquant_collectors
 from slimkit.quant.codecs import INT8_CODECS
 from slimkit.quant.method import QuantMethod, register_method
@@ -16,7 +16,7 @@ from slimkit.quant.sequential import by_block_when
 
 
 @dataclass
-class Int8DynamicConfig(QuantConfig):
+class Int8DynamicConfig(BlockCalibration):
     """int8 weights (per output channel) and int8 activations with scales computed at run time.
 
     ``activation_granularity``: ``token`` (one scale per row: most accurate) or
@@ -40,7 +40,6 @@ class Int8DynamicConfig(QuantConfig):
     smoothquant_alpha: float | str = 0.5
     smoothquant_grid: int = 20
     smoothquant_samples: int = 512
-    sequential: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()

@@ -9,7 +9,7 @@ from torch import nn
 
 from slimkit.config import non_negative, one_of, positive_int, require
 from slimkit.quant.affine import QSpec, quantize_tensor
-from slimkit.quant.base import QuantConfig
+from slimkit.quant.base import BlockCalibration
 from slimkit.quant.builders import weight_2d
 from slimkit.quant.codecs import Info, LayerCodec
 from slimkit.quant.gptq import HessianAccumulator, gptq_quantize
@@ -19,7 +19,7 @@ from slimkit.quant.sequential import by_block_when
 
 
 @dataclass
-class WeightOnlyConfig(QuantConfig):
+class WeightOnlyConfig(BlockCalibration):
     """Weights in ``bits`` (8: per channel; 4: per group), activations stay float.
 
     ``group_size``: 32, 64 or 128 for 4 bits (null means 128); null for 8 bits.
@@ -44,7 +44,6 @@ class WeightOnlyConfig(QuantConfig):
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    sequential: bool | None = None
     true_sequential: bool = True
 
     def __post_init__(self):
