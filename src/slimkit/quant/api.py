@@ -38,6 +38,7 @@ from slimkit.quant.method import method_for
 from slimkit.quant.modules import FoldedBatchNorm
 from slimkit.quant.plan import EMBEDDING_CONFIG, Plan, build_plan, get_module, layer_method, set_module
 from slimkit.quant.summary import QuantSummary, kernels_of
+from slimkit.utils.memory import release_free_memory
 
 _STATE = "_slimkit_quant_state"
 
@@ -149,10 +150,7 @@ def convert_(model: nn.Module) -> QuantSummary:
     require_fed({n: c for n, c in state.collectors.items() if n in plan.layers}, " (run calibrate first)")
     folds = _batchnorm_folds(model, state, plan)
     source = {name: folds[name][0] if name in folds else get_module(model, name) for name in plan.layers}
-    new = {
-        name: build_layer(source[name], cfg, state.collectors.get(name, {}))
-        for name, cfg in plan.layers.items()
-    }
+    new = _build_all(plan, source, state.collectors)
     _detach(model, state)
     for name, module in new.items():
         set_module(model, name, module)
@@ -166,6 +164,16 @@ def convert_(model: nn.Module) -> QuantSummary:
         analysis=plan.analysis,
         kernels=kernels_of(new.values()),
     )
+
+
+def _build_all(plan: Plan, source: dict[str, nn.Module], collectors: dict) -> dict[str, nn.Module]:
+    """Every planned layer's replacement (all built before any is swapped in: an error changes nothing)."""
+    new = {}
+    for i, (name, cfg) in enumerate(plan.layers.items()):
+        new[name] = build_layer(source[name], cfg, collectors.get(name, {}))
+        if i % 16 == 15:  # each build's float temporaries are freed, but glibc would keep them resident
+            release_free_memory()
+    return new
 
 
 def _batchnorm_folds(model: nn.Module, state: _State, plan: Plan) -> dict[str, tuple[nn.Module, str]]:
