@@ -6,7 +6,7 @@ Rows: fp32 eager, PyTorch ``quantize_dynamic`` (fbgemm), slimkit int8 inside PyT
 each weight form (``u8s8`` as written, ``reduce_range`` and ``u8u8``, the mitigations for CPUs
 without VNNI). STS-B dev Spearman x100 and latency on 64 x 128 tokens (interleaved, 2 threads).
 
-    flock /work/spec/heavy.lock .venv/bin/python bench/bench_cpu_kernels.py
+    .venv/bin/python bench/bench_cpu_kernels.py --data ../shared/data
 """
 
 from __future__ import annotations

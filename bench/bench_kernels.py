@@ -7,7 +7,7 @@ disabled (``torch.backends.mkldnn.enabled = False`` sends ``torch._int_mm`` to i
 reference kernel, as on a CPU without AVX-512 VNNI). Each row also gives the relative
 error against the fp32 output and the largest difference from slimkit's oneDNN output.
 
-    flock /work/spec/heavy.lock .venv/bin/python bench/bench_kernels.py --threads 2
+    .venv/bin/python bench/bench_kernels.py --threads 2
     # an AVX2-only CPU, approximately (set before torch loads):
     ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python ...
 """
