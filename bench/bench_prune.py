@@ -206,14 +206,15 @@ def machine() -> dict:
     return {"line": machine_line(), "torch": torch.__version__, "python": platform.python_version()}
 
 
+def run_record(quick: bool) -> dict:
+    """The head of a benchmark's JSON record: when, on what machine, and whether it was a quick run."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "quick": quick}
+
+
 def main() -> None:
     args = _args()
     torch.set_num_threads(2)
-    out = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
-        "quick": args.quick,
-    }
+    out = run_record(args.quick)
     texts = []
     for name in args.only:
         start = time.perf_counter()

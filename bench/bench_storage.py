@@ -39,7 +39,7 @@ from slimkit.quant.codebook import CodebookConv2d
 from slimkit.utils.io import save_weights, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_prune import fit, machine, table, test_accuracy  # noqa: E402  (the pruning benchmark's helpers)
+from bench_prune import fit, run_record, table, test_accuracy  # noqa: E402  (the pruning benchmark's helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,11 +183,7 @@ def _args() -> argparse.Namespace:
 def main() -> None:
     args = _args()
     torch.set_num_threads(2)
-    out = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
-        "quick": args.quick,
-    }
+    out = run_record(args.quick)
     for key in args.only:
         start = time.perf_counter()
         text = bench_model(key, args, out) + f"\n(run time {time.perf_counter() - start:.0f} s)"

@@ -94,12 +94,8 @@ def _block_name(prefix: str, i: int) -> str:
 
 
 def _needs_collectors(model: nn.Module, plan: Plan) -> dict[str, Any]:
-    out = {}
-    for name, cfg in plan.layers.items():
-        method = layer_method(cfg)
-        if method is not None and method.collectors(cfg, get_module(model, name)):
-            out[name] = cfg
-    return out
+    """The planned layers that calibrate (their method gives them collectors)."""
+    return {name: plan.layers[name] for name, found in planned_collectors(model, plan) if found}
 
 
 def _fresh_collectors(model: nn.Module, name: str, cfg: Any) -> dict[str, Any]:
