@@ -71,3 +71,33 @@ def save_tiny_lm(folder: Path, kind: str = "llama", positions: int = 128) -> Pat
     tiny_lm(kind, len(tok), positions).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def uneven_norms_(model, seed: int = 1):
+    """Spread every RMSNorm gain over 0.2..4 in a random order, in place: the layers' inputs then have
+    strong and weak channels, as trained LLMs have (with all gains 1, activation-aware methods have
+    nothing to find)."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            n = module.weight.numel()
+            module.weight.data = torch.linspace(0.2, 4.0, n)[torch.randperm(n, generator=gen)]
+    return model
+
+
+def tiny_run_overrides(folder: Path, text: Path, run_dir: Path, seq_len: int = 32) -> list[str]:
+    """``slimkit run`` overrides that point an LLM recipe at a tiny model and text, measured briefly."""
+    return [
+        f"model.hf={folder}",
+        "model.hf_task=causal_lm",
+        "data.name=text",
+        f"data.path={text}",
+        f"data.seq_len={seq_len}",
+        "measure.repeats=1",
+        "measure.warmup=0",
+        "measure.generation.prompt_tokens=16",
+        "measure.generation.new_tokens=8",
+        "measure.generation.batch_sizes=[1]",
+        "measure.generation.repeats=1",
+        f"output={run_dir}",
+    ]

@@ -20,6 +20,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "slimkit"
 
 CORE = {
+    "calibration",
     "config",
     "errors",
     "batch",
@@ -34,7 +35,8 @@ CORE = {
     "export",
     "shipped_recipes",  # YAML files only (a link to the top-level recipes/ folder)
 }
-TECHNIQUES = {"prune", "quant", "distill", "transfer"}
+TECHNIQUES = {"prune", "quant", "distill", "transfer", "activations"}
+SEARCH = {"search"}  # above the techniques (it calls their verbs), below the recipes
 TOP = {"recipes", "cli"}
 HEAVY = ("transformers", "onnx", "onnxruntime", "sklearn", "scipy")
 
@@ -227,13 +229,22 @@ def test_the_graph_is_read():
 
 
 def test_every_module_belongs_to_a_layer():
-    unplaced = sorted({m for m in MODULES if _family(m) not in CORE | TECHNIQUES | TOP | {"slimkit"}})
+    unplaced = sorted(
+        {m for m in MODULES if _family(m) not in CORE | TECHNIQUES | SEARCH | TOP | {"slimkit"}}
+    )
     assert not unplaced, _report("modules in no layer (add them to CORE, TECHNIQUES or TOP)", unplaced)
 
 
 def test_techniques_import_neither_recipes_nor_cli():
     bad = [e for e in EDGES if _family(e.source) in TECHNIQUES and _family(e.target) in TOP]
     assert not bad, _report("technique modules importing slimkit.recipes or slimkit.cli", bad)
+
+
+def test_search_sits_between_techniques_and_recipes():
+    up = [e for e in EDGES if _family(e.source) in SEARCH and _family(e.target) in TOP]
+    down = [e for e in EDGES if _family(e.source) in CORE | TECHNIQUES and _family(e.target) in SEARCH]
+    assert not up, _report("slimkit.search importing slimkit.recipes or slimkit.cli", up)
+    assert not down, _report("core or technique modules importing slimkit.search", down)
 
 
 def test_no_technique_imports_another():

@@ -7,15 +7,16 @@ import copy
 import pytest
 import torch
 
+from slimkit.calibration.blocks import block_list
+from slimkit.calibration.collectors import HessianAccumulator
 from slimkit.errors import DataError
 from slimkit.quant import AWQConfig, WeightOnlyConfig, quantize_
 from slimkit.quant.affine import QSpec, dequantize, quantize_tensor
-from slimkit.quant.gptq import HessianAccumulator, gptq_quantize, layer_output_error
+from slimkit.quant.gptq import gptq_quantize, layer_output_error
 from slimkit.quant.kernels import int4_compute_dtype
 from slimkit.quant.method import method_for
 from slimkit.quant.methods.awq import AWQLinear
 from slimkit.quant.modules import WeightOnlyLinear
-from slimkit.quant.sequential import block_list
 
 pytest.importorskip("transformers")
 
@@ -181,6 +182,23 @@ def test_awq_beats_rtn_on_a_tiny_llama_layer_output(layer_name):
     assert _mse(_logits(awq, _batches(2, 1)), _logits(model, _batches(2, 1))) < _mse(
         _logits(rtn, _batches(2, 1)), _logits(model, _batches(2, 1))
     )
+
+
+def test_awq_clip_search_lowers_the_output_error_of_a_layer():
+    from slimkit.quant.methods.awq import clip_search
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * 0.05
+    x, held_out = torch.randn(256, 128), torch.randn(256, 128)
+    spec = QSpec(4, True, "group", 0, 128)
+    q0, s0, z0 = quantize_tensor(w, spec)
+    q1, s1, z1 = clip_search(w, x, spec, ratios=10)
+    assert bool((s1 <= s0 + 1e-9).all()) and bool((s1 < s0).any())  # some ranges shrink, none grows
+    for rows in (x, held_out):
+        plain = layer_output_error(w, dequantize(q0, s0, z0, spec), rows)
+        clipped = layer_output_error(w, dequantize(q1, s1, z1, spec), rows)
+        assert clipped < 0.9 * plain  # measured: 0.75 on the search rows, 0.82 held out
+    assert clip_search(w, x, spec, ratios=1)[1].equal(s0)  # one ratio (1.0) is plain min-max
 
 
 def test_a_bad_calibration_batch_leaves_the_model_untouched():

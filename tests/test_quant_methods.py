@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from slimkit.calibration.collectors import HessianAccumulator
 from slimkit.errors import ConfigError
 from slimkit.models.builtin import LeNet5, LeNet300100
 from slimkit.quant import (
@@ -32,7 +33,7 @@ from slimkit.quant import (
 from slimkit.quant.affine import QSpec, dequantize, fake_quantize, quantize_tensor, sqnr_db
 from slimkit.quant.base import QuantConfig
 from slimkit.quant.codecs import LayerCodec
-from slimkit.quant.gptq import HessianAccumulator, gptq_quantize, layer_output_error
+from slimkit.quant.gptq import gptq_quantize, layer_output_error
 from slimkit.quant.method import QuantMethod, register_method, registered
 from slimkit.quant.modules import QuantConv2d, QuantLinear
 from slimkit.quant.qat import QATConv2d, QATLinear
@@ -137,7 +138,7 @@ _NO_FORM = "layers have no ONNX Runtime form; use int8_dynamic or weight_only"
         (Int8DynamicConfig(), "activation_granularity", "must be tensor"),
         (Int8DynamicConfig(activation_granularity="tensor"), None, None),
         (WeightOnlyConfig(bits=4, algorithm="gptq"), None, None),
-        (Int8StaticConfig(), "method", f"int8_static {_NO_FORM}"),
+        (Int8StaticConfig(), None, None),  # QDQ units (slimkit.export.qdq)
         (QATConfig(), "method", f"qat {_NO_FORM}"),
         (BF16Config(), "method", f"bf16 {_NO_FORM}"),
         (MixedPrecisionConfig(max_error=0.1), "low.activation_granularity", "must be tensor"),
@@ -147,9 +148,9 @@ _NO_FORM = "layers have no ONNX Runtime form; use int8_dynamic or weight_only"
             f"bf16 {_NO_FORM}",
         ),
         (
-            WeightOnlyConfig(overrides={"fc*": None, "head": {"method": "int8_static"}}),
+            WeightOnlyConfig(overrides={"fc*": None, "head": {"method": "bf16"}}),
             "overrides.head.method",
-            f"int8_static {_NO_FORM}",
+            f"bf16 {_NO_FORM}",
         ),
         (
             Int8DynamicConfig(

@@ -109,7 +109,7 @@ def test_export_must_be_last_and_names_unexportable_layers(tmp_path, capsys):
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path), "--quiet"]) != 0
     # Which layers cannot be exported depends on the model: known only when the export step runs.
-    assert "features.0 (int8 Conv2d)" in capsys.readouterr().err
+    assert "features.0 (int8 dynamic Conv2d)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
@@ -117,10 +117,12 @@ def test_export_must_be_last_and_names_unexportable_layers(tmp_path, capsys):
     ("quantize", "path"),
     [
         ({"int8_dynamic": {}}, "steps[1].int8_dynamic.activation_granularity"),  # per-token scales by default
-        ({"int8_static": {}}, "steps[1].int8_static"),
         ({"bf16": None}, "steps[1].bf16"),
         ({"qat": {}, "train": {"epochs": 1}}, "steps[1].qat"),
-        ({"mixed": {"low": {"method": "int8_static"}, "max_error": 0.01}}, "steps[1].mixed.low.method"),
+        (
+            {"mixed": {"low": {"method": "int8_dynamic"}, "max_error": 0.01}},
+            "steps[1].mixed.low.activation_granularity",
+        ),
         (
             {"weight_only": {"bits": 8, "group_size": None, "overrides": {"net.5": {"method": "bf16"}}}},
             "steps[1].weight_only.overrides.net.5.method",

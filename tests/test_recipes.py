@@ -204,6 +204,7 @@ def test_cli_run_end_to_end_checks_report_numbers(tmp_path, capsys):
     assert rows[1]["metrics"]["accuracy"] == pytest.approx(train["metrics"]["accuracy"])
     for name in (
         "report.md",
+        "report.html",
         "run.log",
         "recipe.resolved.yaml",
         "metric_vs_size.png",

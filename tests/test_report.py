@@ -128,7 +128,7 @@ def test_json_round_trip_and_saved_files(tmp_path):
     report = _report()
     report.rows[2].metrics["pearson"] = math.nan  # undefined metrics must still give strict JSON
     written = report.save(tmp_path / "run")
-    assert set(written) == {"json", "markdown", "metric_vs_size", "metric_vs_latency"}
+    assert set(written) == {"json", "markdown", "metric_vs_size", "metric_vs_latency", "html"}
     data = json.loads((tmp_path / "run" / "report.json").read_text(), parse_constant=_reject)
     assert data["baseline"] == "baseline" and data["rows"][1]["derived"]["speedup"] == 4.0
     assert data["rows"][2]["metrics"]["pearson"] is None
@@ -150,7 +150,7 @@ def _reject(name):
 def test_plots_skipped_without_figures_and_bad_reports(tmp_path):
     report = Report()
     report.add_row("only-metric", {"accuracy": 0.5})
-    assert set(report.save(tmp_path)) == {"json", "markdown"}
+    assert set(report.save(tmp_path)) == {"json", "markdown", "html"}
     with pytest.raises(SlimkitError, match="no report found"):
         Report.load(tmp_path / "nowhere")
     (tmp_path / "bad").mkdir()

@@ -34,3 +34,18 @@ def run_worker(launcher: list[str], script: str, out: Path) -> None:
     """``launcher script out`` with ``out`` made first (the worker writes its results there)."""
     out.mkdir()
     launch([*launcher, script, str(out)])
+
+
+def two_processes_and_one(script: str, tmp: Path) -> dict[str, tuple[dict, dict]]:
+    """``script out`` under torchrun (2 processes) and as one process; each writes ``result.json`` and
+    ``results.pt`` into ``out``: ``{"ddp": (json, tensors), "single": (json, tensors)}``."""
+    import json
+
+    import torch
+
+    run_worker(torchrun(2), script, tmp / "ddp")
+    run_worker([sys.executable], script, tmp / "single")
+    return {
+        name: (json.loads((tmp / name / "result.json").read_text()), torch.load(tmp / name / "results.pt"))
+        for name in ("ddp", "single")
+    }

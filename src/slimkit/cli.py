@@ -24,6 +24,7 @@ from slimkit.errors import ConfigError, SlimkitError
 
 EXIT_WORK = 1
 EXIT_BAD_INPUT = 2
+EXIT_FLOOR_NOT_MET = 3
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143
@@ -53,12 +54,14 @@ def _parser() -> argparse.ArgumentParser:
         "report",
         parents=[common],
         help="print the report of a finished run",
-        description="Print a run folder's report table (add --markdown or --json).",
+        description="Print a run folder's report table (add --markdown or --json), or rewrite its "
+        "report.html from its report.json (--html).",
     )
     rep.add_argument("run_dir")
     fmt = rep.add_mutually_exclusive_group()
     fmt.add_argument("--markdown", action="store_true")
     fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--html", action="store_true", help="(re)write RUN_DIR/report.html from report.json")
     clean = sub.add_parser(
         "cleanup",
         parents=[common],
@@ -125,6 +128,19 @@ def _add_run_commands(sub: argparse._SubParsersAction, common: argparse.Argument
         help="go on with an interrupted run of this recipe: finished steps are reused, the running "
         "step goes on from its last epoch (the recipe must be unchanged)",
     )
+    search = sub.add_parser(
+        "search",
+        parents=[common],
+        help="run a recipe whose last step is a search (exit 3 when nothing meets its floor)",
+        description="Run a recipe ending with a search step: the fastest (or smallest) model within the "
+        "metric floor, the Pareto front and every candidate (candidates.jsonl). After a crash the same "
+        "command goes on from the candidates already evaluated.",
+    )
+    search.add_argument("recipe", help="recipe file (YAML) whose last step is {type: search, ...}")
+    search.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, as for run")
+    search.add_argument("-q", "--quiet", **quiet)
+    search.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
+    search.add_argument("--resume", action="store_true", help="as for run: reuse the steps before the search")
     val = sub.add_parser(
         "validate",
         parents=[common],
@@ -169,7 +185,9 @@ def _failed(err: BaseException, args: argparse.Namespace) -> int:
         traceback.print_exception(err, file=sys.stderr)
     if isinstance(err, KeyboardInterrupt):
         how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        wrote = "; no run folder was written" if args.command in ("run", "demo") else ""
+        wrote = "; no run folder was written" if args.command in ("run", "demo", "search") else ""
+        if args.command == "search":
+            wrote += f" (slimkit search {args.recipe} goes on from the candidates already evaluated)"
         if args.command == "run":
             wrote += f" (slimkit run {args.recipe} --resume goes on from the last finished epoch)"
         _say(how + wrote)
@@ -253,16 +271,37 @@ def _dispatch(args: argparse.Namespace) -> int:
         for field, module in code_modules(recipe):
             print(f"note: this recipe imports and runs code from {module} ({field})")
         return 0
+    if args.command == "search" and (not recipe.steps or recipe.steps[-1].type != "search"):
+        raise ConfigError(
+            f"steps[{len(recipe.steps) - 1}].type",
+            "slimkit search needs a recipe whose last step is a search step",
+        )
     out = run_recipe(recipe, progress=not args.quiet, resume=getattr(args, "resume", False))
     print(Report.load(out).to_table())
     print(f"run folder: {out}")
-    return 0
+    return _search_exit(out)
+
+
+def _search_exit(out: Path) -> int:
+    """3 when the run's search found nothing within its floor (its best effort is saved, labelled)."""
+    from slimkit.recipes.steps.search import missed_floor
+
+    missed = missed_floor(out)
+    if missed is None:
+        return 0
+    for line in missed:
+        _say(line)
+    return EXIT_FLOOR_NOT_MET
 
 
 def _print_report(args: argparse.Namespace) -> int:
     from slimkit.report import Report
 
     report = Report.load(args.run_dir)
+    if args.html:  # beside the report.json read, where the PNG files it names are
+        folder = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent
+        print(report.save_html(folder))
+        return 0
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -21,6 +21,7 @@ from slimkit.distill.cache import TeacherCache, TeacherResult, batch_masks
 from slimkit.distill.config import DistillConfig
 from slimkit.distill.hooks import Taps, attention_modules, resolve_layer_map
 from slimkit.distill.losses import attention_loss, kd_loss, masked_match_loss, match_loss, projection
+from slimkit.distill.token_kd import teacher_top_k, token_kd_loss, top_k_kd_loss
 from slimkit.errors import ConfigError
 from slimkit.metrics.modes import eval_mode
 from slimkit.train import distributed
@@ -92,6 +93,8 @@ class DistillationCallback(Callback):
                 s_out = output_tensors(forward(student, batch))
                 t_out = output_tensors(forward(self.teacher, batch))
             self._check_outputs(s_out, t_out)
+            if self.config.output_loss == "token_kd":
+                _labels(batch)
             self._ensure_projections(s_taps.take(), t_taps.take(), None)
         finally:
             s_taps.remove()
@@ -104,7 +107,8 @@ class DistillationCallback(Callback):
             raise ConfigError("student", f"gives {len(s_out)} outputs but the teacher gives {len(t_out)}")
         for s, t in zip(s_out, t_out):
             if s.shape[-1] != t.shape[-1]:
-                what = "classes" if self.config.output_loss == "kd" else "output features"
+                kinds = {"kd": "classes", "token_kd": "vocabulary entries"}
+                what = kinds.get(self.config.output_loss, "output features")
                 raise ConfigError(
                     "student",
                     f"has {s.shape[-1]} {what} but the teacher has {t.shape[-1]}: the outputs cannot be matched",
@@ -137,9 +141,16 @@ class DistillationCallback(Callback):
         new = self._ensure_projections(student_layers, teacher, trainer.model)
         if new:
             self._add_to_optimizer(trainer)
-        terms = self._terms(output_tensors(outputs), student_layers, teacher, batch_masks(batch))
+        terms = self._terms(output_tensors(outputs), student_layers, teacher, batch)
         cfg = self.config
-        total = loss if cfg.output_loss == "none" else (1 - cfg.alpha) * loss + cfg.alpha * terms["output"]
+        if cfg.output_loss == "none":
+            total = loss
+        elif cfg.alpha == 1:
+            # the task loss is only logged: kept out of the graph, its backward (for a language model, a
+            # softmax over tokens x vocabulary) is not computed to be multiplied by zero
+            total = terms["output"]
+        else:
+            total = (1 - cfg.alpha) * loss + cfg.alpha * terms["output"]
         if "hidden" in terms:
             total = total + cfg.hidden_weight * terms["hidden"]
         if "attention" in terms:
@@ -205,7 +216,8 @@ class DistillationCallback(Callback):
     def _teacher_result(self, trainer, batch: Any) -> TeacherResult:
         if self.cache is not None:
             hidden = self.config.hidden_weight > 0  # entries of an outputs-only run lack the layers
-            cached = self.cache.get(batch, [f"layer:{t}" for t in self.layer_map.values()] if hidden else ())
+            kinds = [f"layer:{t}" for t in self.layer_map.values()] if hidden else []
+            cached = self.cache.get(batch, kinds + list(self._top_k_kinds()))
             if cached is not None:
                 device = next(trainer.model.parameters()).device
                 return {k: [t.to(device) for t in v] for k, v in cached.items()}
@@ -213,6 +225,11 @@ class DistillationCallback(Callback):
         with torch.no_grad():
             out = output_tensors(forward(self.teacher, batch))
         result: TeacherResult = {"out": [t.detach() for t in out]}
+        if self.config.top_k is not None:
+            # only the top-k leave here: the full logits (tokens x vocabulary) are freed right away
+            values, ids = self._top_k_kinds()
+            tops = [teacher_top_k(t, self.config.top_k, self.config.temperature) for t in result.pop("out")]
+            result.update({values: [v for v, _ in tops], ids: [i for _, i in tops]})
         result.update({f"layer:{k}": v for k, v in self._taps[1].take().items()})
         if self.cache is not None:
             self.cache.put(batch, result)
@@ -259,10 +276,27 @@ class DistillationCallback(Callback):
         if params:
             trainer.optimizer.add_param_group({"params": params})
 
-    def _terms(self, s_out, student_layers, teacher, masks) -> dict[str, torch.Tensor]:
+    def _top_k_kinds(self) -> tuple[str, ...]:
+        """Cache kinds of the teacher's top-k (named by k and T: entries of another setting miss)."""
+        k, temperature = self.config.top_k, self.config.temperature
+        return () if k is None else (f"top{k}_T{temperature:g}", f"top{k}_T{temperature:g}_ids")
+
+    def _token_kd(self, s_out, teacher, batch) -> torch.Tensor:
+        labels, temperature = _labels(batch), self.config.temperature
+        if self.config.top_k is None:
+            losses = [token_kd_loss(s, t, labels, temperature) for s, t in zip(s_out, teacher["out"])]
+        else:
+            values, ids = (teacher[k] for k in self._top_k_kinds())
+            losses = [top_k_kd_loss(s, v, i, labels, temperature) for s, v, i in zip(s_out, values, ids)]
+        return torch.stack(losses).mean()
+
+    def _terms(self, s_out, student_layers, teacher, batch) -> dict[str, torch.Tensor]:
         cfg = self.config
         terms = {}
-        if cfg.output_loss != "none":
+        masks = batch_masks(batch)
+        if cfg.output_loss == "token_kd":
+            terms["output"] = self._token_kd(s_out, teacher, batch)
+        elif cfg.output_loss != "none":
             pairs = list(zip(s_out, teacher["out"]))
             if cfg.output_loss == "kd":
                 losses = [kd_loss(s, t, cfg.temperature) for s, t in pairs]
@@ -299,6 +333,15 @@ class DistillationCallback(Callback):
         for k, v in self.terms.items():
             self._sums[k] = self._sums.get(k, 0.0) + v * n
         self._samples += n
+
+
+def _labels(batch: Any) -> torch.Tensor:
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ConfigError(
+            "output_loss", "token_kd needs text batches with [batch, tokens] labels (language-model windows)"
+        )
+    return labels
 
 
 def _width(t: torch.Tensor) -> int:

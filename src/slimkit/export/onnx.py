@@ -322,10 +322,12 @@ def to_onnxruntime(
     output_fn: Callable[[Any], Any] = first_output,
 ) -> OrtModule:
     """Export ``model`` (float or slimkit-quantized) and load it in an ONNX Runtime session."""
+    from slimkit.export.qdq import quantize_outputs
     from slimkit.metrics.model import count_nonzero, count_parameters
 
     export_onnx(model, example_inputs, path, output_fn)
     share_input_quantization(path)
+    quantize_outputs(path)  # static int8 layers: whole QDQ units for ONNX Runtime's int8 kernels
     choice = dispatch.ort_int8()
     if adapt_int8_weights(path, choice.kernel):
         logging.getLogger("slimkit.export").info("export: int8 weights for %s", choice.line())
@@ -339,13 +341,18 @@ def check_exportable(model: nn.Module) -> None:
     A layer says so itself: a module with an ``onnx_problem()`` method returns why it
     cannot be exported (or None), so this package needs to know no technique's layers.
     """
-    found = [f"{name} ({why})" for name, m in model.named_modules() if (why := onnx_problem(m))]
+    refuse_layers(
+        model, onnx_problem, "ONNX Runtime", "export supports float layers, int8_dynamic with "
+        "activation_granularity: tensor, int8_static, weight-only, AWQ and int8 embeddings",
+    )  # fmt: skip
+
+
+def refuse_layers(model: nn.Module, problem: Callable[[nn.Module], str | None], target: str, supported: str):
+    """Raise :class:`ModelError` naming (up to five of) the layers for which ``problem`` gives a reason."""
+    found = [f"{name} ({why})" for name, m in model.named_modules() if (why := problem(m))]
     if found:
-        raise ModelError(
-            "no ONNX Runtime form for: " + ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
-            + "; export supports float layers, int8_dynamic with activation_granularity: tensor, "
-            "weight-only and int8 embeddings"
-        )  # fmt: skip
+        more = " ..." if len(found) > 5 else ""
+        raise ModelError(f"no {target} form for: " + ", ".join(found[:5]) + more + f"; {supported}")
 
 
 def onnx_problem(module: nn.Module) -> str | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimkit.errors import ModelError
+
 
 class LeNet300100(nn.Module):
     """The 784-300-100-10 MLP of LeCun et al. (and of Han et al.'s pruning paper)."""
@@ -61,25 +63,39 @@ class LeNet5(nn.Module):
         return self.classifier(self.features(x))
 
 
+#: DigitsCNN's ``activation`` choices (GELU/SiLU variants give activation replacement something to do).
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
 class DigitsCNN(nn.Module):
     """A small CNN for scikit-learn's 1x8x8 digits."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, dropout: float = 0.1, width: int = 32):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        dropout: float = 0.1,
+        width: int = 32,
+        activation: str = "relu",
+    ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ModelError(f"model.kwargs.activation: must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        act = ACTIVATIONS[activation]
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1),
             nn.BatchNorm2d(width),
-            nn.ReLU(),
+            act(),
             nn.Conv2d(width, 2 * width, 3, padding=1),
             nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
+            act(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(dropout),
             nn.Linear(2 * width * 4 * 4, 128),
-            nn.ReLU(),
+            act(),
             nn.Dropout(dropout),
             nn.Linear(128, num_classes),
         )

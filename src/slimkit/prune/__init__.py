@@ -10,6 +10,11 @@ Unstructured (weights set to zero, file shrinks)::
     save_sparse(model, "model.safetensors")                          # bitmask + values
     load_sparse(fresh_model, "model.safetensors")                    # bit-exact
 
+Calibrated (Wanda: ``|W| x ||X||`` per output row; SparseGPT: Hessian-based, weights updated), at a
+sparsity or N:M, block by block for causal LMs::
+
+    summary = prune_(llm, SparseGPTConfig(n_m="2:4"), calibration_data=windows)
+
 Gradual (Zhu & Gupta): ``prune_(model, GradualConfig(final_sparsity=0.9, end_step=...)).callback``
 among the Trainer callbacks. Iterative: ``prune_iteratively_(model, config, cycles, retrain)``.
 
@@ -29,7 +34,14 @@ A custom importance criterion is an :class:`Importance` subclass decorated with
 """
 
 from slimkit.prune.api import prune_
-from slimkit.prune.config import DepthConfig, GradualConfig, MagnitudeConfig, StructuredConfig
+from slimkit.prune.config import (
+    DepthConfig,
+    GradualConfig,
+    MagnitudeConfig,
+    SparseGPTConfig,
+    StructuredConfig,
+    WandaConfig,
+)
 from slimkit.prune.importance import Importance, register_importance
 from slimkit.prune.masks import MaskCallback, Masks
 from slimkit.prune.sparse_io import load_pruned, load_sparse, load_sparse_file, save_pruned, save_sparse
@@ -46,7 +58,9 @@ __all__ = [
     "MaskCallback",
     "Masks",
     "PruneSummary",
+    "SparseGPTConfig",
     "StructuredConfig",
+    "WandaConfig",
     "analyze",
     "finalize_",
     "load_pruned",

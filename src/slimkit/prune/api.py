@@ -7,16 +7,26 @@ from typing import Any
 from torch import nn
 
 # Importing the handler modules registers their config types in the method table.
+import slimkit.prune.calibrated  # noqa: F401
 import slimkit.prune.depth  # noqa: F401
 import slimkit.prune.structured  # noqa: F401
 import slimkit.prune.unstructured  # noqa: F401
-from slimkit.prune.config import DepthConfig, GradualConfig, MagnitudeConfig, StructuredConfig
+from slimkit.prune.config import (
+    DepthConfig,
+    GradualConfig,
+    MagnitudeConfig,
+    SparseGPTConfig,
+    StructuredConfig,
+    WandaConfig,
+)
 from slimkit.prune.methods import handler_for
 from slimkit.prune.summary import PruneSummary
 
 
 def prune_(
-    model: nn.Module, config: MagnitudeConfig | GradualConfig | StructuredConfig | DepthConfig, **kwargs: Any
+    model: nn.Module,
+    config: MagnitudeConfig | GradualConfig | StructuredConfig | DepthConfig | WandaConfig | SparseGPTConfig,
+    **kwargs: Any,
 ) -> PruneSummary:
     """Prune ``model`` in place with the method registered for ``config``'s type.
 
@@ -30,6 +40,10 @@ def prune_(
       (``calibration``, ``example_inputs``, ``forward``, ``loss_fn``, ``importance``).
     * :class:`DepthConfig` -> drops whole decoder blocks, ranked on ``calibration``
       (:func:`prune_depth_ <slimkit.prune.depth.prune_depth_>`: ``forward``, ``loss_fn``).
+    * :class:`WandaConfig`, :class:`SparseGPTConfig` -> zeroes weights now (SparseGPT also updates the
+      weights it keeps), calibrated on ``calibration_data`` (``forward``, ``max_batches``; block by
+      block for causal LMs: :func:`prune_calibrated_ <slimkit.prune.calibrated.prune_calibrated_>`);
+      ``summary.masks`` / ``summary.callback`` as for magnitude.
     """
     return handler_for(config)(model, config, **kwargs)
 

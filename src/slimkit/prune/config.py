@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
+from slimkit.calibration.held import HOLDS
 from slimkit.config import in_range, non_negative, one_of, positive_int, require
 from slimkit.prune.importance import importance_class
 
@@ -70,6 +71,81 @@ class MagnitudeConfig:
         require(len(self.module_types) > 0, "module_types", "must name at least one module type")
         for i, t in enumerate(self.module_types):
             one_of(t, f"module_types[{i}]", UNSTRUCTURED_TYPES)
+
+
+@dataclass
+class CalibratedSparsityConfig:
+    """Fields shared by the calibrated unstructured methods, :class:`WandaConfig` and :class:`SparseGPTConfig`.
+
+    Exactly one of ``sparsity`` (the fraction of every selected Linear's weights removed) and
+    ``n_m`` (``"2:4"``: N kept in every M consecutive inputs of each output row; M must divide
+    every selected layer's input width). Only ``nn.Linear`` layers are pruned, and never one whose
+    weight is tied to another module's (an ``lm_head`` sharing the embedding table).
+    ``sequential``: calibrate block by block over the model's stack of blocks, each block's
+    statistics taken on the outputs of the blocks already pruned (null: on for causal LMs);
+    ``micro_batch`` / ``hold_inputs`` bound its memory as in quantization's block calibration.
+    """
+
+    sparsity: float | None = None
+    n_m: str | None = None
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    sequential: bool | None = None
+    micro_batch: int | None = None
+    hold_inputs: str = "memory"
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("sparsity", "n_m") if getattr(self, n) is not None]
+        require(len(given) == 1, "sparsity", f"set exactly one of sparsity, n_m (got {given or 'none'})")
+        if self.sparsity is not None:
+            in_range(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
+        if self.n_m is not None:
+            parse_n_m(self.n_m)
+        _check_patterns(self.include, "include")
+        _check_patterns(self.exclude, "exclude")
+        require(
+            self.sequential is None or isinstance(self.sequential, bool),
+            "sequential",
+            "must be true, false or null",
+        )
+        if self.micro_batch is not None:
+            positive_int(self.micro_batch, "micro_batch")
+        one_of(self.hold_inputs, "hold_inputs", HOLDS)
+
+    @property
+    def pattern(self) -> tuple[int, int] | None:
+        """``(n, m)`` for N:M pruning, else None."""
+        return parse_n_m(self.n_m) if self.n_m is not None else None
+
+
+@dataclass
+class WandaConfig(CalibratedSparsityConfig):
+    """Wanda (Sun et al. 2023): prune the lowest ``|W_ij| x ||X_j||_2`` of every output row; no update."""
+
+    method: ClassVar[str] = "wanda"
+
+
+@dataclass
+class SparseGPTConfig(CalibratedSparsityConfig):
+    """SparseGPT (Frantar & Alistarh 2023): OBS-style column sweep with the inverse Hessian, weights updated.
+
+    ``block_size``: columns whose mask is chosen together (and swept before their errors reach
+    the rest); ``damp``: added to the Hessian's diagonal as a fraction of its mean.
+    """
+
+    method: ClassVar[str] = "sparsegpt"
+    block_size: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive_int(self.block_size, "block_size")
+        in_range(self.damp, "damp", 0.0, 1.0)
+        require(
+            self.damp > 0,
+            "damp",
+            "must be > 0 (an undamped Hessian of correlated inputs may have no Cholesky factor)",
+        )
 
 
 @dataclass

@@ -15,6 +15,7 @@ from slimkit.errors import ModelError
 from slimkit.prune.config import GradualConfig, MagnitudeConfig, parse_n_m
 from slimkit.prune.masks import MaskCallback, Masks
 from slimkit.prune.methods import no_extra_arguments, register_method
+from slimkit.prune.patterns import n_m_mask, smallest_mask
 from slimkit.prune.select import select_modules
 from slimkit.prune.summary import PruneSummary, count_parameters
 
@@ -33,15 +34,6 @@ def prunable_parameters(model: nn.Module, config: MagnitudeConfig) -> dict[str, 
     return params
 
 
-def _smallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask (True = keep) removing exactly the ``k`` smallest scores (ties broken by position)."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
-    if k > 0:
-        order = torch.argsort(scores.flatten(), stable=True)
-        keep[order[:k]] = False
-    return keep.view(scores.shape)
-
-
 def _n_m_mask(name: str, weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the ``n`` largest of every ``m`` consecutive input weights of each output row."""
     rows = weight.detach().reshape(weight.shape[0], -1)
@@ -49,10 +41,7 @@ def _n_m_mask(name: str, weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise ModelError(
             f"{name}: {rows.shape[1]} inputs per output are not a multiple of M={m} for N:M pruning"
         )
-    blocks = rows.abs().reshape(-1, m)
-    top = torch.topk(blocks, n, dim=1).indices
-    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, top, True)
-    return keep.reshape(weight.shape)
+    return n_m_mask(rows.abs(), n, m).reshape(weight.shape)
 
 
 def magnitude_masks(model: nn.Module, config: MagnitudeConfig) -> Masks:
@@ -70,10 +59,10 @@ def magnitude_masks(model: nn.Module, config: MagnitudeConfig) -> Masks:
         return masks
     if config.scope == "layer":
         for name, p in params.items():
-            masks[name] = _smallest_mask(p.detach().abs(), round(config.sparsity * p.numel()))
+            masks[name] = smallest_mask(p.detach().abs(), round(config.sparsity * p.numel()))
         return masks
     flat = torch.cat([p.detach().abs().flatten().float() for p in params.values()])
-    keep = _smallest_mask(flat, round(config.sparsity * flat.numel()))
+    keep = smallest_mask(flat, round(config.sparsity * flat.numel()))
     offset = 0
     for name, p in params.items():
         masks[name] = keep[offset : offset + p.numel()].view(p.shape)

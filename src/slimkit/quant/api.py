@@ -29,10 +29,11 @@ from torch import nn
 
 import slimkit.quant.methods  # noqa: F401  (registers the built-in methods)
 from slimkit.batch import Forward, default_forward, describe_batch
+from slimkit.calibration.collectors import all_reduce_collectors_, require_fed
 from slimkit.errors import ConfigError, DataError, ModelError
 from slimkit.quant.base import as_config
-from slimkit.quant.builders import build_layer, require_fed
-from slimkit.quant.distributed import all_reduce_collectors_, calibration_env, check_mergeable
+from slimkit.quant.builders import build_layer
+from slimkit.quant.distributed import calibration_env, check_mergeable
 from slimkit.quant.fold import conv_bn_pairs, folded_conv
 from slimkit.quant.method import method_for
 from slimkit.quant.modules import FoldedBatchNorm

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimkit.calibration.held import HOLDS
 from slimkit.config import from_dict, one_of, positive_int, require
 from slimkit.errors import ConfigError
 from slimkit.quant.method import is_layer_config, is_quant_config, method_for, method_named, method_names
@@ -59,9 +60,6 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         return False
-
-
-HOLDS = ("memory", "bfloat16", "disk")  # where block-by-block calibration keeps a block's inputs
 
 
 @dataclass

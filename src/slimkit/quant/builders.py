@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.errors import DataError
 from slimkit.quant.affine import QSpec, quantize, quantize_tensor
 from slimkit.quant.collectors import ActivationSample, ChannelAbsMax
 from slimkit.quant.method import method_for
@@ -134,14 +133,3 @@ def int8_layer(
     mod = QuantLinear.from_float(module, q, w_scale, mode, granularity, x_qparams, in_scale)
     mod.smoothquant_alpha = smoothquant_alpha
     return mod
-
-
-def require_fed(collectors: dict[str, dict[str, Any]], hint: str = "") -> None:
-    """Refuse to build layers whose calibration collectors saw no input (naming the first few)."""
-    missing = [
-        name
-        for name, found in collectors.items()
-        if any(getattr(c, "batches", 1) == 0 or getattr(c, "n", 1) == 0 for c in found.values())
-    ]
-    if missing:
-        raise DataError(f"layers saw no input during calibration: {', '.join(missing[:5])}{hint}")

@@ -5,7 +5,7 @@ its own share of the batches, and before any layer is built every collector's
 ``all_reduce_(env)`` merges the ranks' statistics, so all ranks build the same
 layers from the statistics one process would have gathered on all the batches:
 
-- GPTQ's Hessian (:class:`~slimkit.quant.gptq.HessianAccumulator`): ``2 X^T X``
+- GPTQ's Hessian (:class:`~slimkit.calibration.collectors.HessianAccumulator`): ``2 X^T X``
   and the row count summed;
 - SmoothQuant's :class:`~slimkit.quant.collectors.ChannelAbsMax`: the maximum;
 - AWQ's :class:`~slimkit.quant.collectors.ActivationSample`: ``|x|`` sums and
@@ -27,13 +27,12 @@ from typing import Any
 
 from torch import nn
 
+from slimkit.calibration.collectors import Collectors
 from slimkit.errors import ConfigError, DataError
 from slimkit.quant.method import method_for
 from slimkit.quant.observers import Observer
 from slimkit.quant.plan import Plan, get_module, layer_method
 from slimkit.train.distributed import DistEnv, current, gather_objects
-
-Collectors = dict[str, dict[str, Any]]  # {layer name: {key: collector}}
 
 
 def calibration_env() -> DistEnv | None:
@@ -90,12 +89,3 @@ def check_mergeable(
                     f"{config.method} cannot be calibrated across processes {where}: its collector "
                     f"{type(collector).__name__} (layer {layer}) has no all_reduce_; run it in one process",
                 )
-
-
-def all_reduce_collectors_(collectors: Collectors, env: DistEnv | None) -> None:
-    """Merge every collector across the ranks (every rank calls this with the same layers, in order)."""
-    if env is None:
-        return
-    for found in collectors.values():
-        for collector in found.values():
-            collector.all_reduce_(env)

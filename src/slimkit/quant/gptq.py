@@ -5,62 +5,16 @@ Pre-trained Transformers" (2022). With ``H = 2 X^T X`` from calibration inputs
 ``X`` of a Linear layer, the error of quantizing column ``i`` is spread over
 columns ``j > i`` through the inverse Hessian's Cholesky factor, which
 minimises the layer's output error ``||X W^T - X Q^T||`` rather than the weight
-error that round-to-nearest minimises.
+error that round-to-nearest minimises. ``H`` is gathered by
+:class:`slimkit.calibration.collectors.HessianAccumulator` (SparseGPT uses it too).
 """
 
 from __future__ import annotations
 
 import torch
 
+from slimkit.calibration.collectors import inverse_hessian_factor_
 from slimkit.quant.affine import QSpec, dequantize, minmax, qparams, quantize
-from slimkit.train.distributed import DistEnv, all_reduce_tensor_, sum_across
-
-_ROWS_PER_UPDATE = 4096
-
-
-class HessianAccumulator:
-    """Running ``2/n * X^T X`` of a layer's inputs (rows of the flattened activations)."""
-
-    def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.n = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1])
-        total = self.n + x2.shape[0]
-        self.h.mul_(self.n / total)
-        # In row chunks: a float64 copy of a whole calibration batch (32 x 1024 tokens x 1536) is 400 MB.
-        for i in range(0, x2.shape[0], _ROWS_PER_UPDATE):
-            rows = x2[i : i + _ROWS_PER_UPDATE].double()
-            self.h.add_(rows.t() @ rows, alpha=2.0 / total)
-        self.n = total
-
-    def hessian(self) -> torch.Tensor:
-        """``h`` rounded to float32 (kept as float64 for GPTQ's arithmetic).
-
-        The sum's last float64 bits depend on the order the rows were added in (one
-        process, or several merged by :meth:`all_reduce_`); rounding them off makes GPTQ
-        build the same codes either way, so true-sequential stages, each calibrated on
-        the layers before it, stay identical too. 24 bits are far finer than the
-        calibration sample's own noise.
-        """
-        return self.h.float().double()
-
-    def all_reduce_(self, env: DistEnv | None) -> None:
-        """Under torchrun: every rank's ``h`` becomes that of all ranks' rows (``2 X^T X``, ``n`` summed)."""
-        if env is None:
-            return
-        total = all_reduce_tensor_(self.h * self.n, env)
-        self.n = int(sum_across([float(self.n)], env)[0])
-        self.h = total / max(self.n, 1)
-
-
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    h = h.clone()
-    diag = torch.arange(h.shape[0])
-    h[diag, diag] += damp * torch.mean(torch.diag(h)).clamp(min=1e-8)
-    chol = torch.linalg.cholesky(h)
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
 
 
 def gptq_quantize(
@@ -70,8 +24,12 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, scales and zero points of ``weight`` (``[N, K]``) shaped as for :func:`quantize_tensor`.
+
+    ``overwrite``: ``hessian`` (float64) is the caller's to lose: it is worked on in
+    place instead of copied (one ``K x K`` float64 matrix less at once).
 
     ``act_order``: columns are quantized in order of decreasing Hessian diagonal.
     With groups, each group's scale and zero point are then fixed beforehand
@@ -80,14 +38,16 @@ def gptq_quantize(
     """
     w = weight.detach().double().clone()
     n_out, k = w.shape
-    h = hessian.double().clone()
+    h = hessian.double()
+    if h is hessian and not overwrite:
+        h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0  # inputs that are always zero: their columns do not matter
     w[:, dead] = 0.0
     group = spec.group_size if spec.granularity == "group" else None
     if act_order:
         return _gptq_act_order(w, h, spec, damp, block_size, group)
-    hinv = _inverse_cholesky(h, damp)
+    hinv = inverse_hessian_factor_(h, damp)
     if group:
         block_size = max(group, block_size // group * group)  # groups never straddle blocks
     col_spec = QSpec(spec.bits, spec.symmetric, "channel", 0)
@@ -152,8 +112,8 @@ def _gptq_act_order(
         scale, zero = qparams(*minmax(w.float(), spec), spec)
     perm = torch.argsort(torch.diag(h), descending=True, stable=True)  # ties: storage order, everywhere
     w = w[:, perm]
-    h = h[perm][:, perm]
-    hinv = _inverse_cholesky(h, damp)
+    torch.index_select(torch.index_select(h, 0, perm), 1, perm, out=h)  # h is ours (see gptq_quantize)
+    hinv = inverse_hessian_factor_(h, damp)
 
     def params(col: int, _w1: torch.Tensor, _i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if group:  # scales fixed in advance, per original column group

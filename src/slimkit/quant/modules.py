@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import slimkit.quant.kernels as kernels
+import slimkit.quant.onnx_forms as onnx_forms
 from slimkit.quant.affine import QSpec, dequantize, pack_int4, unpack_int4
 from slimkit.utils import dispatch
 from slimkit.utils.cpu import fitted_threads
@@ -123,6 +124,10 @@ class QuantLinear(_Packed):
     def kernel(self) -> dispatch.KernelChoice:
         return dispatch.int8_gemm()
 
+    def pt2_problem(self) -> str | None:
+        """Asked by :mod:`slimkit.export.pt2`: fbgemm's packed weights and quantized tensors do not trace."""
+        return "int8 activations on slimkit's int8 kernels"
+
     def weight(self) -> torch.Tensor:
         return dequantize(
             self.qweight, self.w_scale, torch.zeros_like(self.w_scale, dtype=torch.int32), INT8_CHANNEL
@@ -130,9 +135,18 @@ class QuantLinear(_Packed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            return _export_linear(self, x if self.in_scale is None else x * self.in_scale)
+            return onnx_forms.export_int8(self, x)
         with fitted_threads():  # one thread while the CPU is oversubscribed (see slimkit.utils.cpu)
             return self._int8_forward(x)
+
+    def qdq_weights(self):
+        """This static layer's codes and scales for :mod:`slimkit.export.qdq` (its ONNX QDQ form)."""
+        from slimkit.export.qdq import qdq_weights
+
+        return qdq_weights(self.x_scale, self.x_zero, self.weight_codes(), self.w_scale, self.bias_value)
+
+    def weight_codes(self) -> torch.Tensor:
+        return self.qweight
 
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_scale is not None:
@@ -211,7 +225,15 @@ class QuantConv2d(_Packed):
         w = QuantLinear.weight(self)  # type: ignore[arg-type]
         return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
+    qdq_weights = QuantLinear.qdq_weights
+    pt2_problem = QuantLinear.pt2_problem
+
+    def weight_codes(self) -> torch.Tensor:
+        return self.qweight.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return onnx_forms.export_int8(self, x)
         with fitted_threads():  # one thread while the CPU is oversubscribed (see slimkit.utils.cpu)
             return self._int8_forward(x)
 
@@ -355,7 +377,7 @@ class WeightOnlyLinear(_Packed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            out = F.linear(x, self.weight())  # exporters see plain float math; ORT gets MatMul
+            out = onnx_forms.export_weight_only(self, x)
         elif self.bits == 8:
             out = kernels.int8_weight_only_linear(x, self.kernel_weight, self.kernel_scales)
         else:
@@ -427,38 +449,17 @@ class BF16Linear(nn.Linear, _Cached):
         return no_onnx_form(self)
 
 
-class _DynamicQuantizeMatMul(torch.autograd.Function):
-    """Exported as ONNX Runtime's ``com.microsoft::DynamicQuantizeMatMul`` with slimkit's int8 weights."""
-
-    @staticmethod
-    def forward(ctx, x, qweight_t, w_scale, w_zero, bias):
-        return F.linear(x, (qweight_t.float() * w_scale).t(), bias)
-
-    @staticmethod
-    def symbolic(g, x, qweight_t, w_scale, w_zero, bias):
-        out = g.op("com.microsoft::DynamicQuantizeMatMul", x, qweight_t, w_scale, w_zero, bias)
-        sizes = x.type().varyingSizes()
-        if sizes is not None:  # tell the exporter the output's rank (ONNX Runtime infers the rest)
-            out.setType(x.type().with_sizes([None] * len(sizes)))
-        return out
-
-
 def no_onnx_form(module: nn.Module) -> str | None:  # read by slimkit.export through onnx_problem()
     """Why ``module`` cannot be exported for ONNX Runtime's int8 kernels, or None if it can."""
+    if isinstance(module, (QuantLinear, QuantConv2d)) and (module.mode, module.granularity) == (
+        "static",
+        "tensor",
+    ):
+        return None  # QDQ (slimkit.export.qdq)
     if isinstance(module, QuantConv2d):
-        return "int8 Conv2d"
+        return f"int8 {module.mode} Conv2d"
     if isinstance(module, QuantLinear) and (module.mode, module.granularity) != ("dynamic", "tensor"):
         return f"int8 {module.mode} Linear with activations per {module.granularity}"
     if isinstance(module, BF16Linear):
         return "bf16 Linear"
     return None
-
-
-def _export_linear(mod: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    if (why := no_onnx_form(mod)) is not None:  # reached only by exporting without export_onnx
-        raise NotImplementedError(f"no ONNX Runtime form for an {why}")
-    bias = mod.bias_value if mod.bias_value is not None else torch.zeros(mod.out_features)
-    qt = mod.qweight.t().contiguous()
-    return _DynamicQuantizeMatMul.apply(
-        x, qt, mod.w_scale, torch.zeros_like(mod.w_scale, dtype=torch.int8), bias
-    )

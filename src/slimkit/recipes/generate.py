@@ -71,6 +71,7 @@ def _fill(model: nn.Module, file: Path) -> nn.Module:
     if "slimkit_quant" in meta:
         from slimkit.quant.serialize import load_quantized
 
+        _match_depth(model, file)
         return load_quantized(model, file)
     if "slimkit_structure" in meta:
         from slimkit.prune.sparse_io import load_pruned
@@ -80,7 +81,29 @@ def _fill(model: nn.Module, file: Path) -> nn.Module:
         from slimkit.prune.sparse_io import load_sparse
 
         return load_sparse(model, file)
+    _match_depth(model, file)
     return load_weights(model, file)
+
+
+def _match_depth(model: nn.Module, file: Path) -> None:
+    """A depth-pruned model quantized afterwards: its file holds blocks 0..n-1 of a shorter list (the
+    kept blocks, renumbered), so the model built from the recipe's ``model:`` drops its last blocks
+    first; every block's weights then come from the file. (Width-pruned shapes are not rebuilt here.)"""
+    from safetensors import safe_open
+
+    from slimkit.models.blocks import find_layer_list
+    from slimkit.prune.depth import drop_blocks_
+
+    try:
+        name, blocks = find_layer_list(model)
+    except ModelError:  # a model without a block list: nothing to match
+        return
+    with safe_open(str(file), framework="pt") as f:
+        keys = list(f.keys())
+    prefix = f"{name}."
+    found = {int(k[len(prefix) :].split(".")[0]) for k in keys if k.startswith(prefix)}
+    if found and max(found) + 1 < len(blocks):
+        drop_blocks_(model, name, list(range(max(found) + 1)))
 
 
 def load_run_model(run_dir: str | Path, step: str | None = None):

@@ -34,16 +34,20 @@ from slimkit.metrics.speed import compare_latency
 from slimkit.models.loading import load_model
 from slimkit.recipes.lm_measure import check_generation, measure_generation
 from slimkit.recipes.output import run_folder
+from slimkit.recipes.reproduce import write_reproduction
 from slimkit.recipes.resume import PartialRun
 from slimkit.recipes.schema import Recipe, Step
 from slimkit.recipes.steps import RunContext, StepResult, step_type
-from slimkit.recipes.steps.base import Saver
+from slimkit.recipes.steps.base import Saver, without
 from slimkit.recipes.steps.saving import SavedModel, first_format, format_named, format_of
 from slimkit.report import Report
+from slimkit.report.sections import NOTES_KEY as SECTIONS_NOTE
+from slimkit.report.sections import Section
 from slimkit.tasks import TaskAdapter, build_task, check_labels_fit
 from slimkit.train import distributed
 from slimkit.utils.io import save_weights
 from slimkit.utils.quiet import quiet_libraries
+from slimkit.utils.sysinfo import machine_line
 
 
 @dataclass
@@ -120,10 +124,11 @@ def _run(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool, res
         snapshots.append(_run_step(i, recipe.steps[i], len(recipe.steps), base, current, example, partial))
     measure_generation(snapshots, base)  # language models' tokens/s, while the snapshots hold their models
     _time_all(snapshots, example, task, recipe, log)
-    _report(snapshots, task).save(run_dir)
+    _report(snapshots, task, recipe).save(run_dir)
     _save_final(current, run_dir, base, Path(recipe.output))
     resolved = dict(recipe.to_dict(), output=str(Path(recipe.output)))
     (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    write_reproduction(recipe, run_dir)  # a search step's model, rebuilt by ordinary steps
     log.info("done in %.1f s: %s", time.perf_counter() - started, recipe.output)
     partial.discard()  # still under the output's lock; the folder is complete, only its rename is left
 
@@ -199,6 +204,7 @@ def _start(recipe: Recipe, run_dir: Path, log: logging.Logger, progress: bool) -
         tokenizer=tokenizer,
         seed=recipe.seed,
         progress=progress,
+        model_spec=recipe.model,
     )
 
 
@@ -293,10 +299,22 @@ def _time_all(
     )
 
 
-def _report(snapshots: list[Snapshot], task: TaskAdapter) -> Report:
+def _report(snapshots: list[Snapshot], task: TaskAdapter, recipe: Recipe) -> Report:
     report = Report(task_metric=task.metric, higher_is_better=task.higher_is_better)
+    m = recipe.measure
+    report.meta = {
+        "recipe": recipe.name,
+        "machine": machine_line(),
+        "measure": f"latency: median of {m.repeats} runs after {m.warmup} warm-up, batch {m.batch_size}, "
+        f"{m.threads} threads, all steps interleaved"
+        if m.latency
+        else "latency: not measured (measure.latency: false)",
+    }
     for s in snapshots:
         f = s.figures
+        # Sections a step adds to report.html (a search's Pareto front) leave its notes for the report's.
+        for section in f["extra"].get(SECTIONS_NOTE) or []:
+            report.add_section(Section.from_json({**section, "step": s.step}))
         report.add_row(
             s.step,
             f["metrics"],
@@ -306,7 +324,7 @@ def _report(snapshots: list[Snapshot], task: TaskAdapter) -> Report:
             macs=f["macs"],
             latency_ms=f.get("latency_ms"),
             p95_ms=f.get("p95_ms"),
-            extra={**f["extra"], "step_time_s": f["step_time_s"]},
+            extra={**without(f["extra"], SECTIONS_NOTE), "step_time_s": f["step_time_s"]},
         )
     return report
 

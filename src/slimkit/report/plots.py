@@ -8,6 +8,7 @@ Files are written atomically.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,14 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (report.html embeds plots without writing files)."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def _usable(value: float | None) -> bool:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -57,16 +66,48 @@ def plot_tradeoff(
     nothing) when no point remains. The x axis turns logarithmic when the
     costs span more than 20x.
     """
+    fig = _tradeoff_figure(points, xlabel, ylabel, title)
+    return None if fig is None else _save(fig, path)
+
+
+def tradeoff_png(
+    points: Sequence[Point],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    names: tuple[str, str] = ("steps", "baseline"),
+    front: Sequence[Point] = (),
+) -> bytes | None:
+    """:func:`plot_tradeoff` as PNG bytes; ``names``: the legend's words for the points and for the
+    starred ones; ``front`` (a Pareto front) is drawn as a line through its points in x order."""
+    fig = _tradeoff_figure(points, xlabel, ylabel, title, names, front)
+    return None if fig is None else _png(fig)
+
+
+def _tradeoff_figure(
+    points: Sequence[Point],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    names: tuple[str, str] = ("steps", "baseline"),
+    front: Sequence[Point] = (),
+):
     points = [p for p in points if _usable(p.x) and _usable(p.y)]
     if not points:
         return None
     fig, ax = _figure()
+    line = sorted((p for p in front if _usable(p.x) and _usable(p.y)), key=lambda p: p.x)
+    if line:
+        ax.plot([p.x for p in line], [p.y for p in line], "-", color="tab:green", alpha=0.6, label="front")
     others = [p for p in points if not p.baseline]
     if others:
-        ax.plot([p.x for p in others], [p.y for p in others], "o", color="tab:blue", label="steps")
+        ax.plot([p.x for p in others], [p.y for p in others], "o", color="tab:blue", label=names[0])
+    stars = [p for p in points if p.baseline]
+    if stars:
+        ax.plot(
+            [p.x for p in stars], [p.y for p in stars], "*", color="tab:red", markersize=16, label=names[1]
+        )
     for p in points:
-        if p.baseline:
-            ax.plot([p.x], [p.y], "*", color="tab:red", markersize=16, label="baseline")
         ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     xs = [p.x for p in points]
     if min(xs) > 0 and max(xs) / min(xs) > 20:
@@ -77,7 +118,7 @@ def plot_tradeoff(
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 Series = Sequence[float] | tuple[Sequence, Sequence[float]]

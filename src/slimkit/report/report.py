@@ -17,7 +17,9 @@ from typing import Any
 
 from slimkit.errors import BadInputError
 from slimkit.report import formatting as fmt
+from slimkit.report.html import write_html
 from slimkit.report.plots import Point, plot_tradeoff
+from slimkit.report.sections import Section
 from slimkit.utils.io import write_json, write_text
 
 REPORT_VERSION = 1
@@ -73,6 +75,10 @@ class Report:
         self.higher_is_better = bool(higher_is_better)
         self.title = title
         self.rows: list[Row] = []
+        # Extra blocks of report.html (Pareto front, sensitivity...): slimkit.report.sections.
+        self.sections: list[Section] = []
+        # About the run, not a step: "recipe", "machine" (sysinfo.machine_line), "measure".
+        self.meta: dict[str, Any] = {}
 
     def add_row(
         self,
@@ -106,6 +112,19 @@ class Report:
         )
         self.rows.append(row)
         return row
+
+    def add_section(self, section: Section | None = None, **fields: Any) -> Section:
+        """Add a :class:`Section` (or build one from ``fields``); one with the ``key`` of an
+        earlier section replaces it in place."""
+        section = section if section is not None else Section(**fields)
+        if not isinstance(section, Section):
+            raise TypeError(f"add_section: expected a Section, got {type(section).__name__}")
+        same = [i for i, s in enumerate(self.sections) if section.key and s.key == section.key]
+        if same:
+            self.sections[same[0]] = section
+        else:
+            self.sections.append(section)
+        return section
 
     @property
     def baseline(self) -> Row | None:
@@ -166,13 +185,14 @@ class Report:
                 names += [k for k in generation if k not in names]
         return names
 
-    def _cells(self) -> tuple[list[str], list[list[str]]]:
+    def cells(self) -> tuple[list[str], list[list[str]]]:
+        """The steps table as text: the header and one list of cells per row (every format uses it)."""
         columns = self._columns()
         return [name for name, _ in columns], [[cell(r) for _, cell in columns] for r in self.rows]
 
     def to_table(self) -> str:
         """Aligned plain text; the baseline step is marked ``*``, missing figures ``-``."""
-        header, body = self._cells()
+        header, body = self.cells()
         widths = [max(len(c) for c in col) for col in zip(header, *body)]
 
         def line(cells: list[str]) -> str:
@@ -184,7 +204,7 @@ class Report:
         return "\n".join(lines + [line(header), rule] + [line(cells) for cells in body]) + "\n"
 
     def to_markdown(self) -> str:
-        header, body = self._cells()
+        header, body = self.cells()
         lines = [f"# {self.title}", ""] if self.title else []
         lines += [
             "| " + " | ".join(header) + " |",
@@ -216,6 +236,8 @@ class Report:
                 "higher_is_better": self.higher_is_better,
                 "baseline": base.step if base else None,
                 "rows": rows,
+                "meta": self.meta,
+                "sections": [s.to_json() for s in self.sections],
             }
         )
 
@@ -233,10 +255,14 @@ class Report:
                 extra=row.get("extra"),
                 baseline=bool(row.get("baseline")),
             )
+        report.meta = dict(data.get("meta") or {})
+        for section in data.get("sections") or []:
+            report.add_section(Section.from_json(section))
         return report
 
     def save(self, folder: str | os.PathLike) -> dict[str, Path]:
-        """Write report.json, report.md and the trade-off PNGs into ``folder`` (each file atomically)."""
+        """Write report.json, report.md, the trade-off PNGs and report.html into ``folder``
+        (each file atomically)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         written = {"json": folder / "report.json", "markdown": folder / "report.md"}
@@ -244,13 +270,27 @@ class Report:
         write_text(written["markdown"], self.to_markdown())
         for key, path in self.plot(folder).items():
             written[key] = path
+        written["html"] = self.save_html(folder)
         return written
+
+    def save_html(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/report.html``: self-contained (plots and the folder's PNGs embedded)."""
+        return write_html(self, folder)
 
     def plot(self, folder: str | os.PathLike) -> dict[str, Path]:
         """metric_vs_size.png and metric_vs_latency.png (each only if some row has both figures)."""
+        out = {}
+        for key, xlabel, ylabel, points in self.tradeoffs():
+            path = plot_tradeoff(Path(folder) / f"{key}.png", points, xlabel, ylabel, self.title)
+            if path is not None:
+                out[key] = path
+        return out
+
+    def tradeoffs(self) -> list[tuple[str, str, str, list[Point]]]:
+        """``(name, xlabel, ylabel, points)`` of each trade-off plot: metric vs size, vs latency."""
         base = self.baseline
         ylabel = f"{self.task_metric} ({'higher' if self.higher_is_better else 'lower'} is better)"
-        out = {}
+        out = []
         for key, attr, xlabel, scale in (
             ("metric_vs_size", "size_bytes", "size (MB)", 1e-6),
             ("metric_vs_latency", "latency_ms", "latency (ms)", 1.0),
@@ -264,9 +304,7 @@ class Report:
                 )
                 for r in self.rows
             ]
-            path = plot_tradeoff(Path(folder) / f"{key}.png", points, xlabel, ylabel, self.title)
-            if path is not None:
-                out[key] = path
+            out.append((key, xlabel, ylabel, points))
         return out
 
     @classmethod

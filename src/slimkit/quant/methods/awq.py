@@ -10,6 +10,12 @@ per layer, minimising the layer's output error on calibration inputs;
 ``alpha = 0`` is round-to-nearest, so the search never does worse than RTN on
 the calibration data.
 
+Then, as in the paper's reference code, each group's range is clipped: the
+ratio (1.0 down to 0.55) that minimises that group's share of the output error
+on the same sample (``clip``). Rounding error grows with the range, and the
+largest weight of a group is rarely worth it; ratio 1.0 is plain min-max, so
+this step too cannot do worse on the calibration sample.
+
 Here the scales are kept in the layer (an ``input_scale`` buffer: one
 multiply per input element, small next to the int4 matmul) rather than folded
 into the previous operation, so any Linear can take them whatever precedes it.
@@ -24,11 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from slimkit.calibration.blocks import by_block_when
 from slimkit.config import one_of, positive_int, require
-from slimkit.quant.affine import QSpec, dequantize, quantize_tensor
+from slimkit.quant.affine import QSpec, dequantize, minmax, qparams, quantize, quantize_tensor
 from slimkit.quant.base import BlockCalibration
 from slimkit.quant.collectors import ActivationSample
 from slimkit.quant.method import QuantMethod, register_method
@@ -36,7 +42,6 @@ from slimkit.quant.methods.weight_only import METHOD as WEIGHT_ONLY
 from slimkit.quant.methods.weight_only import WeightOnlyConfig, weight_only_codec
 from slimkit.quant.modules import WeightOnlyLinear
 from slimkit.quant.scale_search import search_scales
-from slimkit.quant.sequential import by_block_when
 
 
 @dataclass
@@ -45,7 +50,9 @@ class AWQConfig(BlockCalibration):
 
     ``grid``: number of ``alpha`` values tried in ``[0, 1)``; ``samples``: input
     rows per layer kept for the search (spread evenly over the calibration
-    batches); ``sequential``: block by block on causal LMs (null: on for them).
+    batches); ``clip``: search each group's clipping ratio (``clip_grid`` ratios
+    from 1.0 down to 0.55); ``sequential``: block by block on causal LMs (null: on
+    for them).
     """
 
     bits: int = 4
@@ -53,6 +60,8 @@ class AWQConfig(BlockCalibration):
     symmetric: bool = True
     grid: int = 20
     samples: int = 512
+    clip: bool = True
+    clip_grid: int = 10
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,6 +70,8 @@ class AWQConfig(BlockCalibration):
         positive_int(self.grid, "grid")
         positive_int(self.samples, "samples")
         require(self.grid <= 100, "grid", "at most 100 alpha values")
+        positive_int(self.clip_grid, "clip_grid")
+        require(self.clip_grid <= 50, "clip_grid", "at most 50 clipping ratios")
 
     @property
     def needs_calibration(self) -> bool:
@@ -79,9 +90,7 @@ class AWQLinear(WeightOnlyLinear):
         return super().weight() / self.input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            out = F.linear(x, self.weight())
-            return out if self.bias_value is None else out + self.bias_value
+        # Exported too: a Div by the scales before MatMulNBits (see WeightOnlyLinear._export_matmul).
         return super().forward(x / self.input_scale.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -108,6 +117,36 @@ def awq_search(
     return s, alpha
 
 
+def clip_search(weight: torch.Tensor, x: torch.Tensor, spec: QSpec, ratios: int) -> tuple[torch.Tensor, ...]:
+    """``(q, scale, zero)`` of ``weight`` with each group's range shrunk by its best ratio.
+
+    The output error splits into one term per group of input channels
+    (``x[:, g] @ dW[:, g]^T``); each (row, group) keeps the ratio with the
+    smallest squared error over the sample rows ``x`` (as the weight sees it).
+    That error is ``dW_g^T (X_g^T X_g) dW_g``: with each group's small Gram
+    matrix computed once, a ratio costs a weight-sized product, not a pass
+    over the sample.
+    """
+    out_f, in_f = weight.shape
+    gs = spec.group_size
+    lo, hi = minmax(weight, spec)
+    xg = x.float().reshape(-1, in_f // gs, gs).transpose(0, 1)  # (groups, rows, gs)
+    gram = xg.transpose(1, 2) @ xg  # (groups, gs, gs)
+    wg = weight.reshape(out_f, in_f // gs, gs)
+    best_err = torch.full(lo.shape, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for i in range(ratios):
+        r = 1.0 - 0.45 * i / max(ratios - 1, 1)
+        scale, zero = qparams(lo * r, hi * r, spec)
+        dw = wg - dequantize(quantize(weight, scale, zero, spec), scale, zero, spec).reshape(wg.shape)
+        err = (torch.einsum("ogk,gkl->ogl", dw, gram) * dw).sum(-1)  # (rows, groups)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo * r, best_lo), torch.where(better, hi * r, best_hi)
+    scale, zero = qparams(best_lo, best_hi, spec)
+    return quantize(weight, scale, zero, spec), scale, zero
+
+
 class AWQ(QuantMethod):
     name = "awq"
     config_type = AWQConfig
@@ -125,8 +164,12 @@ class AWQ(QuantMethod):
         w = module.weight.detach().float()
         spec = QSpec(4, config.symmetric, "group", 0, config.group_size)
         acts = collectors["activations"]
-        s, _ = awq_search(w, acts.mean_abs(), acts.sample(), spec, config.grid)
-        q, scale, zero = quantize_tensor(w * s, spec)
+        x = acts.sample()
+        s, _ = awq_search(w, acts.mean_abs(), x, spec, config.grid)
+        if config.clip:
+            q, scale, zero = clip_search(w * s, x / s, spec, config.clip_grid)
+        else:
+            q, scale, zero = quantize_tensor(w * s, spec)
         layer = AWQLinear.from_float(module, q, scale, zero, 4, config.group_size)
         layer.input_scale.copy_(s)
         return layer

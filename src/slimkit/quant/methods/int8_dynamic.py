@@ -7,12 +7,12 @@ from typing import Any
 
 from torch import nn
 
+from slimkit.calibration.blocks import by_block_when
 from slimkit.config import in_range, one_of, positive_int, require
 from slimkit.quant.base import WEIGHT_OBSERVERS, BlockCalibration
 from slimkit.quant.builders import int8_layer, smoothed_int8_weight, smoothquant_collectors
 from slimkit.quant.codecs import INT8_CODECS
 from slimkit.quant.method import QuantMethod, register_method
-from slimkit.quant.sequential import by_block_when
 
 
 @dataclass

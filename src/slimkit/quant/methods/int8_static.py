@@ -13,7 +13,7 @@ from slimkit.quant.affine import QSpec
 from slimkit.quant.base import WEIGHT_OBSERVERS, QuantConfig
 from slimkit.quant.builders import int8_layer, smoothed_int8_weight, smoothquant_collectors
 from slimkit.quant.codecs import INT8_CODECS
-from slimkit.quant.method import QuantMethod, no_runtime_form, register_method
+from slimkit.quant.method import QuantMethod, register_method
 from slimkit.quant.observers import OBSERVERS, Observer, make_observer
 from slimkit.train.distributed import DistEnv
 
@@ -95,7 +95,7 @@ class Int8Static(QuantMethod):
         return config.fold_batchnorm
 
     def onnx_problem(self, config: Int8StaticConfig) -> tuple[str, str] | None:
-        return no_runtime_form(config)
+        return None  # QDQ units that ONNX Runtime fuses into its int8 kernels (slimkit.export.qdq)
 
 
 def _activation_qparams(config: Int8StaticConfig, collectors: dict[str, Any], in_scale) -> tuple:

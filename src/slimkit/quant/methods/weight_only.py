@@ -7,15 +7,16 @@ from typing import Any
 
 from torch import nn
 
+from slimkit.calibration.blocks import by_block_when
+from slimkit.calibration.collectors import HessianAccumulator
 from slimkit.config import non_negative, one_of, positive_int, require
 from slimkit.quant.affine import QSpec, quantize_tensor
 from slimkit.quant.base import BlockCalibration
 from slimkit.quant.builders import weight_2d
 from slimkit.quant.codecs import Info, LayerCodec
-from slimkit.quant.gptq import HessianAccumulator, gptq_quantize
+from slimkit.quant.gptq import gptq_quantize
 from slimkit.quant.method import QuantMethod, register_method
 from slimkit.quant.modules import WeightOnlyLinear
-from slimkit.quant.sequential import by_block_when
 
 
 @dataclass
@@ -109,8 +110,9 @@ class WeightOnly(QuantMethod):
         else:
             spec = QSpec(4, config.symmetric, "group", 0, config.group_size)
         if "hessian" in collectors:
+            hessian = collectors["hessian"].hessian()  # a fresh copy: GPTQ may work in it
             q, scale, zero = gptq_quantize(
-                w2d, collectors["hessian"].hessian(), spec, config.damp, config.block_size, config.act_order
+                w2d, hessian, spec, config.damp, config.block_size, config.act_order, overwrite=True
             )
         else:
             q, scale, zero = quantize_tensor(w2d, spec)

@@ -6,6 +6,7 @@ import below.
 """
 
 # Imported to register their step types (explicit modules: nothing is looked up by name).
+import slimkit.recipes.steps.activations  # noqa: F401
 import slimkit.recipes.steps.distill  # noqa: F401
 import slimkit.recipes.steps.evaluate  # noqa: F401
 import slimkit.recipes.steps.export  # noqa: F401
@@ -13,6 +14,7 @@ import slimkit.recipes.steps.finetune  # noqa: F401
 import slimkit.recipes.steps.multitask  # noqa: F401
 import slimkit.recipes.steps.prune  # noqa: F401
 import slimkit.recipes.steps.quantize  # noqa: F401
+import slimkit.recipes.steps.search  # noqa: F401
 import slimkit.recipes.steps.train  # noqa: F401
 from slimkit.recipes.steps.base import (
     RunContext,

@@ -50,6 +50,9 @@ class RunContext:
     progress: bool = True  # False under --quiet: no progress bars, whatever a step's train config says
     # Where ctx.train checkpoints every epoch, and resumes from after an interruption (set by the runner)
     checkpoints: StepCheckpoints | None = None
+    # The recipe's model mapping (a ModelConfig): a step that needs the starting model again reloads
+    # it from here (distill's teacher: initial) instead of the run keeping a copy of it.
+    model_spec: Any = None
 
     def train(
         self,

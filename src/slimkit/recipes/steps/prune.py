@@ -1,6 +1,6 @@
 """The ``prune`` step: one pruning method, with optional recovery training.
 
-YAML (exactly one of ``magnitude``, ``gradual``, ``structured``, ``depth``)::
+YAML (exactly one of ``magnitude``, ``gradual``, ``wanda``, ``sparsegpt``, ``structured``, ``depth``)::
 
     - type: prune
       structured: {ratio: 0.5, importance: taylor}
@@ -11,6 +11,10 @@ YAML (exactly one of ``magnitude``, ``gradual``, ``structured``, ``depth``)::
       gradual: {final_sparsity: 0.7, end_step: 80, frequency: 10}
       train: {epochs: 8, lr: 0.001}  # gradual pruning happens during this training
 
+    - type: prune                   # decoder LLMs: half of every block Linear, Hessian-compensated
+      sparsegpt: {sparsity: 0.5}    # or n_m: "2:4"; wanda: {...} takes the same keys (no damp/block_size)
+      calibration_samples: 16       # train windows; calibrated block by block for causal LMs
+
     - type: prune                   # decoder LLMs: FFN neurons and one KV group of three
       structured: {ratio: 0.25, head_ratio: 0.34, gqa: groups, importance: activation}
       calibration_samples: 32
@@ -19,7 +23,7 @@ YAML (exactly one of ``magnitude``, ``gradual``, ``structured``, ``depth``)::
       depth: {blocks: 8, importance: angular}
       calibration_samples: 32
 
-Unstructured results (magnitude, gradual) are finalised and stored in the
+Unstructured results (magnitude, gradual, wanda, sparsegpt) are finalised and stored in the
 sparse format, so the report's size column is the sparse file; structured
 results store their new shapes with the weights; a causal LM whose blocks all kept the same
 shapes (and a depth-pruned one) is stored as a Hugging Face folder with its config updated, which
@@ -39,7 +43,9 @@ from slimkit.prune import (
     DepthConfig,
     GradualConfig,
     MagnitudeConfig,
+    SparseGPTConfig,
     StructuredConfig,
+    WandaConfig,
     finalize_,
     load_pruned,
     load_sparse,
@@ -51,7 +57,8 @@ from slimkit.recipes.steps.base import TRAIN_MOVED, RunContext, StepResult, regi
 from slimkit.recipes.steps.saving import register_format
 from slimkit.train import TrainConfig
 
-METHODS = ("magnitude", "gradual", "structured", "depth")
+METHODS = ("magnitude", "gradual", "wanda", "sparsegpt", "structured", "depth")
+CALIBRATED = ("wanda", "sparsegpt")  # unstructured, from calibration statistics
 
 # How the run keeps a pruned model for --resume: load_pruned shrinks the model before the step first.
 register_format("sparse", save_sparse, load_sparse)
@@ -62,11 +69,13 @@ register_format("pruned", save_pruned, load_pruned)
 class PruneStep:
     magnitude: MagnitudeConfig | None = None
     gradual: GradualConfig | None = None
+    wanda: WandaConfig | None = None
+    sparsegpt: SparseGPTConfig | None = None
     structured: StructuredConfig | None = None
     depth: DepthConfig | None = None
     train: TrainConfig | None = None  # recovery training after (gradual: during) pruning
     calibration_samples: int = (
-        256  # structured, depth: samples from the train split for data-driven importance
+        256  # structured, depth, wanda, sparsegpt: samples from the train split for the statistics
     )
 
     MOVED: ClassVar[dict[str, str]] = {"finetune": TRAIN_MOVED}
@@ -76,7 +85,7 @@ class PruneStep:
         require(
             len(given) == 1,
             given[-1] if given else "magnitude",
-            "give exactly one of magnitude, gradual, structured or depth",
+            "give exactly one of magnitude, gradual, wanda, sparsegpt, structured or depth",
         )
         require(
             self.gradual is None or self.train is not None,
@@ -97,7 +106,7 @@ class PruneStep:
 @register_step(
     "prune",
     config=PruneStep,
-    doc="magnitude, gradual, structured or depth pruning, with optional recovery training",
+    doc="magnitude, gradual, wanda, sparsegpt, structured or depth pruning, with optional recovery training",
 )
 def run_prune(ctx: RunContext, cfg: PruneStep) -> StepResult:
     shaped = cfg.structured is not None or cfg.depth is not None
@@ -107,7 +116,14 @@ def run_prune(ctx: RunContext, cfg: PruneStep) -> StepResult:
 def _unstructured(ctx: RunContext, cfg: PruneStep) -> StepResult:
     model = ctx.model
     with under(cfg.method):
-        summary = prune_(model, cfg.gradual or cfg.magnitude)
+        if cfg.method in CALIBRATED:
+            # Under torchrun each process takes its share; the statistics are summed across them.
+            batches = ctx.calibration_batches(cfg.calibration_samples, shard=True)
+            summary = prune_(
+                model, getattr(cfg, cfg.method), calibration_data=batches, forward=ctx.task.forward
+            )
+        else:
+            summary = prune_(model, cfg.gradual or cfg.magnitude)
     if cfg.train is not None:
         ctx.train(model, cfg.train, callbacks=[summary.callback])
     else:
@@ -117,6 +133,8 @@ def _unstructured(ctx: RunContext, cfg: PruneStep) -> StepResult:
         "sparsity": round(masks.sparsity(), 4),
         "layer_sparsity": {k: round(v, 4) for k, v in masks.layer_sparsity().items()},
     }
+    if summary.skipped:  # wanda, sparsegpt: a tied lm_head is left dense
+        notes["skipped"] = {s["name"]: s["reason"] for s in summary.skipped}
     ctx.log.info("prune: %.1f%% of the selected weights are zero", 100 * masks.sparsity())
     finalize_(model, masks)  # the masks are folded in (and cleared): the zeros are now the weights
     return StepResult(model, saver=save_sparse, notes=notes)

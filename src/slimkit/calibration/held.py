@@ -1,4 +1,4 @@
-"""The block inputs that block-by-block calibration keeps (:mod:`slimkit.quant.sequential`), bounded.
+"""The block inputs that block-by-block calibration keeps (:mod:`slimkit.calibration.blocks`), bounded.
 
 The kept inputs are the largest thing calibration holds besides the model:
 SmolLM2-135M on 128 windows of 1024 tokens keeps 128 x 1024 x 576 float32
@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from slimkit.batch import batch_len
-from slimkit.quant.base import HOLDS
+
+HOLDS = ("memory", "bfloat16", "disk")  # where block-by-block calibration keeps a block's inputs
 
 
 def split_batch(batch: Any, size: int | None) -> list[Any]:
