@@ -72,7 +72,9 @@ def test_hugging_face_activations_are_found_by_class_not_by_path():
     class MyGELU(NewGELUActivation):  # a subclass anywhere in any model is still a GELU
         pass
 
-    odd = nn.ModuleDict({"x": nn.Sequential(nn.Linear(2, 2), MyGELU()), "y": GELUActivation(), "z": nn.ReLU()})
+    odd = nn.ModuleDict(
+        {"x": nn.Sequential(nn.Linear(2, 2), MyGELU()), "y": GELUActivation(), "z": nn.ReLU()}
+    )
     assert find_activations(odd) == {"x.1": "gelu", "y": "gelu"}
 
 
@@ -105,11 +107,16 @@ def test_hard_targets_pick_the_matching_hard_function_per_kind():
     assert s1.max_error["gelu"] == pytest.approx(0.0686, abs=1e-3)
     assert s1.max_error["silu"] == pytest.approx(0.1425, abs=1e-3)
     assert s2.max_error["tanh"] == pytest.approx(0.2384, abs=1e-3)
-    assert s2.max_error["sigmoid"] == pytest.approx(0.0738, abs=1e-3)
+    assert s2.max_error["sigmoid"] == pytest.approx(0.0692, abs=1e-3)
 
 
 # max |f''| of each kind (GELU: 2 phi(0); SiLU: 1/2; tanh: 4 / (3 sqrt 3); sigmoid: 1 / (6 sqrt 3))
-CURVATURE = {"gelu": 2 / math.sqrt(2 * math.pi), "silu": 0.5, "tanh": 4 / (3 * math.sqrt(3)), "sigmoid": 1 / (6 * math.sqrt(3))}
+CURVATURE = {
+    "gelu": 2 / math.sqrt(2 * math.pi),
+    "silu": 0.5,
+    "tanh": 4 / (3 * math.sqrt(3)),
+    "sigmoid": 1 / (6 * math.sqrt(3)),
+}
 FUNCTIONS = {"gelu": nn.GELU(), "silu": nn.SiLU(), "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid()}
 ASYMPTOTE_GAP = {  # |f - asymptote| at x = r (where the tails begin)
     "gelu": lambda r: r * 0.5 * math.erfc(r / math.sqrt(2)),
@@ -218,7 +225,9 @@ FAST = {"epochs": 3, "lr": 0.01, "progress": False}
 GELU_CNN = {"builtin": "digits_cnn", "kwargs": {"width": 8, "activation": "gelu"}}
 
 
-def _run(tmp_path: Path, steps: list, model: dict | None = None, name: str = "run", *options) -> tuple[int, Path]:
+def _run(
+    tmp_path: Path, steps: list, model: dict | None = None, name: str = "run", *options
+) -> tuple[int, Path]:
     out = tmp_path / name
     recipe = {
         "name": "act",
@@ -249,7 +258,7 @@ def trained_gelu_cnn(tmp_path_factory) -> Path:
 def test_step_with_recovery_fine_tune_keeps_accuracy(tmp_path, trained_gelu_cnn):
     steps = [
         {"type": "evaluate"},
-        {"type": "replace_activations", "name": "pwl4", "replace_activations": {"to": "pwl", "pwl_segments": 4}},
+        {"type": "replace_activations", "name": "pwl4", "replace_activations": {"to": "pwl", "pwl_segments": 4, "layers": ["features.*"]}},
         {"type": "replace_activations", "name": "relu", "replace_activations": {"to": "relu", "layers": ["classifier.*"]},
          "train": {"epochs": 2, "lr": 0.003, "progress": False}},
     ]  # fmt: skip
@@ -258,9 +267,9 @@ def test_step_with_recovery_fine_tune_keeps_accuracy(tmp_path, trained_gelu_cnn)
     rows = _rows(out)
     base = rows["evaluate"]["metrics"]["accuracy"]
     assert base > 0.9
-    assert rows["pwl4"]["extra"]["replaced"] == {"gelu": 3}
+    assert rows["pwl4"]["extra"]["replaced"] == {"gelu": 2}
     assert 0.05 < rows["pwl4"]["extra"]["max_abs_error"]["gelu"] < 0.08  # 4 segments: 0.067
-    # recovery: within 2 points of the GELU model (the classifier's GELU -> ReLU on top of PWL-4)
+    # recovery: within 2 points of the GELU model (convolutions' GELUs PWL-4, the classifier's ReLU)
     assert rows["relu"]["metrics"]["accuracy"] >= base - 0.02
     assert rows["relu"]["extra"]["replaced"] == {"gelu": 1} and rows["relu"]["extra"]["epochs"] == 2
 

@@ -44,7 +44,7 @@ ONNX = {
     "quant/int8_static": 0.05,
     "quant/weight_only": 0.02,
     "quant/awq": 0.02,
-    "quant/qat": REFUSED,
+    "quant/qat": 0.05,
     "quant/codebook": 1e-4,
     "quant/bf16": REFUSED,
     "quant/mixed": REFUSED,  # its int8_dynamic part is per token

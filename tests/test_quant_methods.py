@@ -129,7 +129,7 @@ def test_the_method_table_refuses_duplicates():
     assert method_names() == BUILT_IN
 
 
-_NO_FORM = "layers have no ONNX Runtime form; use int8_dynamic or weight_only"
+_NO_FORM = "layers have no ONNX Runtime form; use int8_dynamic, int8_static or weight_only"
 
 
 @pytest.mark.parametrize(
@@ -139,7 +139,8 @@ _NO_FORM = "layers have no ONNX Runtime form; use int8_dynamic or weight_only"
         (Int8DynamicConfig(activation_granularity="tensor"), None, None),
         (WeightOnlyConfig(bits=4, algorithm="gptq"), None, None),
         (Int8StaticConfig(), None, None),  # QDQ units (slimkit.export.qdq)
-        (QATConfig(), "method", f"qat {_NO_FORM}"),
+        (QATConfig(), None, None),  # static int8 layers: QDQ
+        (QATConfig(activation_bits=None), "activation_bits", "must be 8"),
         (BF16Config(), "method", f"bf16 {_NO_FORM}"),
         (MixedPrecisionConfig(max_error=0.1), "low.activation_granularity", "must be tensor"),
         (

@@ -118,7 +118,7 @@ def test_export_must_be_last_and_names_unexportable_layers(tmp_path, capsys):
     [
         ({"int8_dynamic": {}}, "steps[1].int8_dynamic.activation_granularity"),  # per-token scales by default
         ({"bf16": None}, "steps[1].bf16"),
-        ({"qat": {}, "train": {"epochs": 1}}, "steps[1].qat"),
+        ({"qat": {"activation_bits": None}, "train": {"epochs": 1}}, "steps[1].qat.activation_bits"),
         (
             {"mixed": {"low": {"method": "int8_dynamic"}, "max_error": 0.01}},
             "steps[1].mixed.low.activation_granularity",

@@ -152,10 +152,8 @@ def calibrate_by_block_(
     calibrated = {n for n in layers if collectors(n, model.get_submodule(n))}
     in_block, outside = _by_block(prefix, len(blocks), layers)
     run, forward = _Run(model, collectors, build, env), forward or default_forward
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with _guarded(run, model):
             _capture_block_inputs(model, blocks[0], batches, forward, held)
             _calibrate_blocks(run, blocks, in_block, calibrated, held, true_sequential)
             held.close()
@@ -163,14 +161,25 @@ def calibrate_by_block_(
             for name in outside:
                 if name not in calibrated:
                     run.put(name, {})
+    finally:
+        held.close()
+    return run.new
+
+
+@contextlib.contextmanager
+def _guarded(run: _Run, model: nn.Module):
+    """Eval mode and no grad inside; on any error every replaced layer is put back; mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
     except BaseException:
         run.replaced.restore()
         raise
     finally:
         run.replaced.close()
-        held.close()
         model.train(was_training)
-    return run.new
 
 
 def _by_block(prefix: str, n_blocks: int, layers: Sequence[str]) -> tuple[list[list[str]], list[str]]:
@@ -365,18 +374,9 @@ def calibrate_at_once_(
         raise DataError("calibration: no batches were given")
     calibrated = [n for n in layers if collectors(n, model.get_submodule(n))]
     run = _Run(model, collectors, build, env)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _calibrate_outside(run, calibrated, batches, forward or default_forward)
-            for name in layers:
-                if name not in calibrated:
-                    run.put(name, {})
-    except BaseException:
-        run.replaced.restore()
-        raise
-    finally:
-        run.replaced.close()
-        model.train(was_training)
+    with _guarded(run, model):
+        _calibrate_outside(run, calibrated, batches, forward or default_forward)
+        for name in layers:
+            if name not in calibrated:
+                run.put(name, {})
     return run.new

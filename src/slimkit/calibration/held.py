@@ -29,8 +29,21 @@ from typing import Any
 import torch
 
 from slimkit.batch import batch_len
+from slimkit.config import one_of, positive_int, require
 
 HOLDS = ("memory", "bfloat16", "disk")  # where block-by-block calibration keeps a block's inputs
+
+
+def check_block_fields(config: Any) -> None:
+    """Validate a config's block-calibration fields (``sequential``, ``micro_batch``, ``hold_inputs``)."""
+    require(
+        config.sequential is None or isinstance(config.sequential, bool),
+        "sequential",
+        "must be true, false or null",
+    )
+    if config.micro_batch is not None:
+        positive_int(config.micro_batch, "micro_batch")
+    one_of(config.hold_inputs, "hold_inputs", HOLDS)
 
 
 def split_batch(batch: Any, size: int | None) -> list[Any]:

@@ -80,7 +80,9 @@ class DigitsCNN(nn.Module):
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ModelError(f"model.kwargs.activation: must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+            raise ModelError(
+                f"model.kwargs.activation: must be one of {', '.join(ACTIVATIONS)}, got {activation!r}"
+            )
         act = ACTIVATIONS[activation]
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1),

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from slimkit.calibration.held import HOLDS
+from slimkit.calibration.held import check_block_fields
 from slimkit.config import in_range, non_negative, one_of, positive_int, require
 from slimkit.prune.importance import importance_class
 
@@ -103,14 +103,7 @@ class CalibratedSparsityConfig:
             parse_n_m(self.n_m)
         _check_patterns(self.include, "include")
         _check_patterns(self.exclude, "exclude")
-        require(
-            self.sequential is None or isinstance(self.sequential, bool),
-            "sequential",
-            "must be true, false or null",
-        )
-        if self.micro_batch is not None:
-            positive_int(self.micro_batch, "micro_batch")
-        one_of(self.hold_inputs, "hold_inputs", HOLDS)
+        check_block_fields(self)
 
     @property
     def pattern(self) -> tuple[int, int] | None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimkit.calibration.held import HOLDS
-from slimkit.config import from_dict, one_of, positive_int, require
+from slimkit.calibration.held import check_block_fields
+from slimkit.config import from_dict, require
 from slimkit.errors import ConfigError
 from slimkit.quant.method import is_layer_config, is_quant_config, method_for, method_named, method_names
 
@@ -81,14 +81,7 @@ class BlockCalibration(QuantConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require(
-            self.sequential is None or isinstance(self.sequential, bool),
-            "sequential",
-            "must be true, false or null",
-        )
-        if self.micro_batch is not None:
-            positive_int(self.micro_batch, "micro_batch")
-        one_of(self.hold_inputs, "hold_inputs", HOLDS)
+        check_block_fields(self)
 
 
 def sub_config(value: Any, name: str) -> Any:

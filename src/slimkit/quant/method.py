@@ -199,4 +199,7 @@ def onnx_problem(config: Any) -> tuple[str, str] | None:
 
 def no_runtime_form(config: Any) -> tuple[str, str]:
     """The ``onnx_problem`` of a method whose layers ONNX Runtime cannot run at all."""
-    return "method", f"{config.method} layers have no ONNX Runtime form; use int8_dynamic or weight_only"
+    return (
+        "method",
+        f"{config.method} layers have no ONNX Runtime form; use int8_dynamic, int8_static or weight_only",
+    )

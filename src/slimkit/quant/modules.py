@@ -451,11 +451,8 @@ class BF16Linear(nn.Linear, _Cached):
 
 def no_onnx_form(module: nn.Module) -> str | None:  # read by slimkit.export through onnx_problem()
     """Why ``module`` cannot be exported for ONNX Runtime's int8 kernels, or None if it can."""
-    if isinstance(module, (QuantLinear, QuantConv2d)) and (module.mode, module.granularity) == (
-        "static",
-        "tensor",
-    ):
-        return None  # QDQ (slimkit.export.qdq)
+    if isinstance(module, (QuantLinear, QuantConv2d)) and module.mode == "static":
+        return None  # QDQ (slimkit.export.qdq); a static layer has one input scale whatever its label
     if isinstance(module, QuantConv2d):
         return f"int8 {module.mode} Conv2d"
     if isinstance(module, QuantLinear) and (module.mode, module.granularity) != ("dynamic", "tensor"):

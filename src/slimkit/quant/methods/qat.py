@@ -18,7 +18,7 @@ from slimkit.quant.affine import QSpec, quantize_tensor
 from slimkit.quant.base import QuantConfig
 from slimkit.quant.builders import int8_layer, weight_2d
 from slimkit.quant.codecs import INT8_CODECS
-from slimkit.quant.method import QuantMethod, no_runtime_form, register_method
+from slimkit.quant.method import QuantMethod, register_method
 from slimkit.quant.qat import QATConv2d, QATLinear, to_float, to_qat
 
 
@@ -74,7 +74,9 @@ class QAT(QuantMethod):
         return mod
 
     def onnx_problem(self, config: QATConfig) -> tuple[str, str] | None:
-        return no_runtime_form(config)
+        if config.activation_bits is None:  # float activations convert to dynamic per-token layers
+            return "activation_bits", "must be 8: ONNX Runtime's int8 kernels take calibrated activations"
+        return None  # static int8 layers: QDQ units (slimkit.export.qdq)
 
 
 METHOD = register_method(QAT())
