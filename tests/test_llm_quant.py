@@ -289,3 +289,24 @@ def test_smoothquant_auto_calibrates_a_tiny_llama_block_by_block():
     assert len(alphas) == 15 and len(set(alphas.values())) > 2, alphas  # chosen per layer
     assert errors["auto"] < errors["plain"], errors  # measured: plain 4.0e-5, 0.5 3.1e-5, auto 2.8e-5
     assert errors["auto"] < 0.05 * float(ref.pow(2).mean()), errors
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_keeps_a_pruned_layers_zeros_and_spreads_their_error(act_order):
+    from slimkit.prune import SparseGPTConfig, prune_
+
+    model = _llama(2)
+    prune_(model, SparseGPTConfig(sparsity=0.5), calibration_data=_batches(4, 0))
+    layer_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
+    zeros = {n: model.get_submodule(n).weight == 0 for n in layer_names}
+    assert all(0.49 < float(z.float().mean()) < 0.51 for z in zeros.values())
+    sparse, dense_q = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_(sparse, _gptq(act_order=act_order), calibration_data=_batches(4, 0))
+    for name in layer_names:
+        w = sparse.get_submodule(name).weight()
+        assert bool((w[zeros[name]] == 0).all()), name  # every pruned weight is still exactly zero
+        assert float((w == 0).float().mean()) < 0.55  # and GPTQ did not zero much else
+    # The zeros' drift was pushed onto the kept weights: closer to the pruned model than rounding alone.
+    quantize_(dense_q, WeightOnlyConfig(bits=4, group_size=32))
+    ref = _logits(model, _batches(2, 1))
+    assert _mse(_logits(sparse, _batches(2, 1)), ref) < _mse(_logits(dense_q, _batches(2, 1)), ref)

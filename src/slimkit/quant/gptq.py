@@ -7,6 +7,12 @@ columns ``j > i`` through the inverse Hessian's Cholesky factor, which
 minimises the layer's output error ``||X W^T - X Q^T||`` rather than the weight
 error that round-to-nearest minimises. ``H`` is gathered by
 :class:`slimkit.calibration.collectors.HessianAccumulator` (SparseGPT uses it too).
+
+A pruned layer (at least ``SPARSE_FRACTION`` of its weights exactly zero, as
+after Wanda or SparseGPT) keeps its zeros: a pruned weight is written as the
+code of 0 and its drift is pushed onto the weights not yet quantized like any
+rounding error (SparseGPT's joint prune-and-quantize sweep), so sparsity and
+int4 compose without GPTQ refilling the pruned weights.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch
 
 from slimkit.calibration.collectors import inverse_hessian_factor_
 from slimkit.quant.affine import QSpec, dequantize, minmax, qparams, quantize
+
+SPARSE_FRACTION = 0.1  # dense trained weights are almost never exactly zero; pruned layers are
 
 
 def gptq_quantize(
@@ -38,6 +46,8 @@ def gptq_quantize(
     """
     w = weight.detach().double().clone()
     n_out, k = w.shape
+    keep = weight != 0
+    keep = None if float(keep.float().mean()) > 1 - SPARSE_FRACTION else keep
     h = hessian.double()
     if h is hessian and not overwrite:
         h = h.clone()
@@ -46,7 +56,7 @@ def gptq_quantize(
     w[:, dead] = 0.0
     group = spec.group_size if spec.granularity == "group" else None
     if act_order:
-        return _gptq_act_order(w, h, spec, damp, block_size, group)
+        return _gptq_act_order(w, h, spec, damp, block_size, group, keep)
     hinv = inverse_hessian_factor_(h, damp)
     if group:
         block_size = max(group, block_size // group * group)  # groups never straddle blocks
@@ -66,17 +76,20 @@ def gptq_quantize(
             zeros.append(current["p"][1])
         return current["p"]
 
-    codes = _sweep(w, hinv, block_size, col_spec, params)
+    codes = _sweep(w, hinv, block_size, col_spec, params, keep)
     if group:
         return codes, torch.stack(scales, dim=1), torch.stack(zeros, dim=1)
     return codes, scale, zero
 
 
-def _sweep(w: torch.Tensor, hinv: torch.Tensor, block_size: int, col_spec: QSpec, params) -> torch.Tensor:
+def _sweep(
+    w: torch.Tensor, hinv: torch.Tensor, block_size: int, col_spec: QSpec, params, keep=None
+) -> torch.Tensor:
     """GPTQ's column sweep: quantize each column, spread its error over the columns not yet quantized.
 
     ``params(col, w1, i)`` gives the column's scale and zero point (``w1`` is the current block,
-    ``i`` the column's index in it). ``w`` is updated in place.
+    ``i`` the column's index in it). ``w`` is updated in place. ``keep``: where False the code
+    is that of 0 (a pruned weight stays pruned).
     """
     n_out, k = w.shape
     codes = torch.zeros(n_out, k, dtype=torch.int8)
@@ -89,6 +102,8 @@ def _sweep(w: torch.Tensor, hinv: torch.Tensor, block_size: int, col_spec: QSpec
             col_scale, col_zero = params(i1 + i, w1, i)
             col = w1[:, i].float()
             q = quantize(col, col_scale, col_zero, col_spec)
+            if keep is not None:
+                q = torch.where(keep[:, i1 + i], q, col_zero.to(torch.int8).expand(n_out))
             codes[:, i1 + i] = q
             err = (col - dequantize(q, col_scale, col_zero, col_spec)).double() / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
@@ -98,7 +113,7 @@ def _sweep(w: torch.Tensor, hinv: torch.Tensor, block_size: int, col_spec: QSpec
 
 
 def _gptq_act_order(
-    w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float, block_size: int, group: int | None
+    w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float, block_size: int, group: int | None, keep=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_out, k = w.shape
     col_spec = QSpec(spec.bits, spec.symmetric, "channel", 0)
@@ -123,7 +138,7 @@ def _gptq_act_order(
             return scale.expand(n_out), zero.expand(n_out)
         return scale, zero
 
-    codes = _sweep(w, hinv, block_size, col_spec, params)
+    codes = _sweep(w, hinv, block_size, col_spec, params, None if keep is None else keep[:, perm])
     out = torch.empty_like(codes)
     out[:, perm] = codes
     return out, scale, zero
