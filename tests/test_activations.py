@@ -325,3 +325,18 @@ def test_bad_input_exits_2_naming_the_field(tmp_path, capsys, step, model, expec
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_validate_refuses_a_pattern_that_matches_no_activation_without_running(tmp_path, capsys):
+    recipe = {
+        "name": "act",
+        "model": GELU_CNN,
+        "data": {"name": "digits"},
+        "steps": [{"type": "replace_activations", "replace_activations": {"exclude": ["classifier.9"]}}],
+        "output": str(tmp_path / "out"),
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "steps[0].replace_activations.exclude[0]: pattern 'classifier.9' matches no activation" in err, err

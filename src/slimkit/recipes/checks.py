@@ -204,6 +204,16 @@ def _check_patterns(step: Any, model: nn.Module, prefix: str) -> None:
             "overrides": list(getattr(quant, "overrides", {})),
         }
         _match_all(groups, names, f"{prefix}.{quant.method}", fnmatch.fnmatchcase)
+    elif step.type == "replace_activations":
+        from slimkit.activations import find_activations
+
+        acts = cfg.replace_activations
+        groups = {"layers": list(acts.layers or []), "exclude": list(acts.exclude or [])}
+        # As the step matches them: fnmatch on the module name, a bare name also as a suffix.
+        suffix = lambda n, p: fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, f"*.{p}")  # noqa: E731
+        found = list(find_activations(model))
+        if found:  # none at all: the step's own check says so, naming from_
+            _match_all(groups, found, f"{prefix}.replace_activations", suffix, "activation")
     elif step.type == "finetune" and cfg.finetune.strategy == "lora":
         encoder = getattr(model, "encoder", None) or getattr(model, "base_model", None)
         if isinstance(encoder, nn.Module):

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from slimkit.config import positive_int
+from slimkit.config import positive_int, to_dict
 from slimkit.recipes.output import _STALE
 from slimkit.recipes.steps.base import RunContext, StepResult, register_step, under
 from slimkit.recipes.steps.prune import PruneStep
@@ -66,6 +66,11 @@ class SearchStep:
 
     def __post_init__(self):
         positive_int(self.calibration_samples, "calibration_samples")
+
+    def to_yaml(self) -> dict[str, Any]:
+        # calibration_samples is written once, as the step's key (the step's value is the one used).
+        search = {k: v for k, v in to_dict(self.search).items() if k != "calibration_samples"}
+        return {"search": search, "calibration_samples": self.calibration_samples}
 
 
 def state_folder(run_dir: Path, step: str) -> Path:
