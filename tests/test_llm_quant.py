@@ -222,26 +222,12 @@ def test_smollm2_int4_recipe_shape_on_a_tiny_llama(tmp_path, capsys):
     import json
 
     from slimkit.cli import main
-    from tests.llm_helpers import save_tiny_lm, text_lines
+    from tests.llm_helpers import save_tiny_lm, text_lines, tiny_run_overrides
 
     folder = save_tiny_lm(tmp_path / "tiny-llama", "llama")
     text = tmp_path / "corpus.txt"
     text.write_text(text_lines(300))
-    overrides = [
-        f"model.hf={folder}",
-        "model.hf_task=causal_lm",
-        "data.name=text",
-        f"data.path={text}",
-        "data.seq_len=32",
-        "steps.1.calibration_samples=16",
-        "measure.repeats=1",
-        "measure.warmup=0",
-        "measure.generation.prompt_tokens=16",
-        "measure.generation.new_tokens=8",
-        "measure.generation.batch_sizes=[1]",
-        "measure.generation.repeats=1",
-        f"output={tmp_path / 'run'}",
-    ]
+    overrides = [*tiny_run_overrides(folder, text, tmp_path / "run"), "steps.1.calibration_samples=16"]
     assert main(["run", "recipes/smollm2_int4.yaml", "-q", *overrides]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     rows = {row["step"]: row for row in report["rows"]}
