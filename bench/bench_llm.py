@@ -18,8 +18,10 @@ row quantized; the g64 rows (576 = 9 x 64) quantize all of them.
   new, batch 1 and 8, every row's model timed interleaved, medians of ``--repeats``, ``--threads``
   threads (``slimkit.metrics.generation.compare_generation_speed``). All models stay in memory for
   that (about 6 GB for every row; one fp32 copy is 0.54 GB); only one is being built at a time.
-  torchao rows run eager: torch.compile is not measured here (decoding grows the KV cache by one
-  position per step, so compiled graphs would have to handle a new shape every step).
+  The ``--compile`` rows (``+ compile``) decode the same models through
+  ``slimkit.metrics.compiled.CompiledDecoding``: a static KV cache (so every step has the same
+  shapes) and the one-token step compiled by ``torch.compile`` (inductor), compiled at batch 1 and 8
+  before any timed run; their perplexity, size and calibration figures are the eager row's.
 - Size: slimkit rows ``save_quantized`` (safetensors), fp32/bf16 ``save_weights`` (safetensors, tied
   embedding stored once), torchao rows ``torch.save`` of the state dict (tensor subclasses).
 - Calibration: ``--calib-samples`` windows of ``--seq-len`` tokens, evenly spaced over the first 80%
@@ -108,6 +110,7 @@ ROWS: dict[str, Row] = {
     ),
 }
 INT4_G128 = ("rtn", "gptq", "awq")
+COMPILED = "+compile"  # key suffix of a row decoded through slimkit.metrics.compiled (static cache, inductor)
 CALIBRATED = ("gptq", "awq", "sq", "gptq_g64", "awq_g64", "gptq_g64_head8")
 
 
@@ -259,6 +262,31 @@ def measure_rows(keys: list[str], fp32: nn.Module, test, calib: list) -> tuple[d
     return models, results
 
 
+def compiled_entries(models: dict, prompts: torch.Tensor, args) -> tuple[dict, dict]:
+    """``{key+compile: CompiledDecoding}`` for ``args.compile`` rows, each compiled at batch 1 and 8 up
+    front (so no timed run compiles), and ``{key+compile: note}`` (compile seconds, or why it failed)."""
+    from slimkit.metrics.compiled import CompiledDecoding
+    from slimkit.metrics.generation import prompt_batch
+
+    entries, notes = {}, {}
+    for key in [k for k in args.compile if k in models]:
+        wrapped = CompiledDecoding(models[key], args.prompt_tokens + args.new_tokens)
+        log(f"{key}: compiling the decoding step")
+        try:
+            with torch.inference_mode():
+                for b in (1, 8):
+                    wrapped.generate(prompt_batch(prompts, b, args.prompt_tokens), 2)
+        except Exception as err:  # a row that does not compile is reported, not fatal
+            notes[key + COMPILED] = f"torch.compile failed: {type(err).__name__}: {str(err)[:200]}"
+            log(f"{key}: {notes[key + COMPILED]}")
+            continue
+        entries[key + COMPILED] = wrapped
+        notes[key + COMPILED] = "compile s: " + ", ".join(
+            f"b{b} {t:.0f}" for b, t in wrapped.compile_s.items()
+        )
+    return entries, notes
+
+
 def measure_generation(models: dict, prompts: torch.Tensor, args) -> dict:
     from slimkit.metrics.generation import compare_generation_speed
 
@@ -281,14 +309,20 @@ def run_bench(fp32: nn.Module, test, calib: list, prompts: torch.Tensor, args) -
     keys = [k for k in ROWS if k == "fp32" or k in args.rows]  # the table's order, whatever --rows says
     torch.set_num_threads(args.threads)
     models, results = measure_rows(keys, fp32, test, calib)
-    speeds = measure_generation(models, prompts, args)
+    torch.set_num_threads(args.threads)
+    compiled, compile_notes = compiled_entries(models, prompts, args)
+    speeds = measure_generation({**models, **compiled}, prompts, args)
+    for key in compiled:  # same weights: same perplexity, file and calibration figures
+        source = key.removesuffix(COMPILED)
+        results[key] = {**results[source], "config_note": compile_notes[key], "compiled": True}
     base = results["fp32"]
     fp32_bytes = model_bytes(fp32)
     for key, r in results.items():
         gen = speeds[key]
+        row = ROWS[key.removesuffix(COMPILED)]
         r.update(
-            label=ROWS[key].label,
-            note=" ".join(filter(None, (ROWS[key].note, r.get("config_note")))),
+            label=f"{row.label.strip()} + compile" if r.get("compiled") else row.label,
+            note="; ".join(filter(None, (row.note, r.get("config_note")))),
             delta_pct=100 * (r["perplexity"] / base["perplexity"] - 1),
             prefill_b1=gen[1]["prefill_tokens_per_s"],
             decode_b1=gen[1]["decode_tokens_per_s"],
@@ -323,22 +357,25 @@ def targets(rows: dict) -> list[tuple[str, str, bool | None]]:
         if share is not None:
             text = f"{100 * share:.0f}% of {ref}'s loss (removes {100 * (1 - share):.0f}%; paper GPTQ: 64%)"
             out.append((f"{key} loses <= 1/2 of {ref}'s ppl loss", text, share <= 0.5))
-    ao = rows.get("ao_int4", {}).get("decode_b1")
-    for key in [k for k in rows if k in INT4_G128 or "_g64" in k]:
-        r = rows[key]
-        ahead = "" if ao is None or key not in INT4_G128 else f", torchao int4 {ao:.1f} tok/s"
-        met = r["decode_speedup"] >= 3.0 and (ao is None or key not in INT4_G128 or r["decode_b1"] > ao)
-        out.append(
-            (
-                f"{key} decode b1 >= 3x fp32" + (" and > torchao int4" if ahead else ""),
-                f"{r['decode_speedup']:.2f}x ({r['decode_b1']:.1f} tok/s{ahead})",
-                met,
-            )
-        )
+    for key in [k for k in rows if k.removesuffix(COMPILED) in INT4_G128 or "_g64" in k]:
+        out.append(_decode_target(rows, key))
     for key in [k for k in CALIBRATED if k in rows]:
         ratio = rows[key]["peak_ratio"]
         out.append((f"{key} calibration peak <= 1.5x fp32 model", f"{ratio:.2f}x", ratio <= 1.5))
     return out
+
+
+def _decode_target(rows: dict, key: str) -> tuple[str, str, bool]:
+    """Decode b1 >= 3x fp32 eager; g128 rows also ahead of torchao int4 (compiled against compiled)."""
+    r, compiled = rows[key], key.endswith(COMPILED)
+    ao_key = "ao_int4" + (COMPILED if compiled else "")
+    ao = rows.get(ao_key, {}).get("decode_b1") if key.removesuffix(COMPILED) in INT4_G128 else None
+    ahead = "" if ao is None else f", {ao_key} {ao:.1f} tok/s"
+    return (
+        f"{key} decode b1 >= 3x fp32 eager" + (f" and > {ao_key}" if ao is not None else ""),
+        f"{r['decode_speedup']:.2f}x ({r['decode_b1']:.1f} tok/s{ahead})",
+        r["decode_speedup"] >= 3.0 and (ao is None or r["decode_b1"] > ao),
+    )
 
 
 ANCHORS = (
@@ -347,7 +384,7 @@ ANCHORS = (
     "29.96 float -> 6996 with min-max W8A8)."
 )
 COLUMNS = (
-    ("row", 38),
+    ("row", 46),
     ("layers", 9),
     ("ppl", 8),
     ("d ppl %", 8),
@@ -428,6 +465,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--compile",
+        nargs="*",
+        choices=list(ROWS),
+        default=["fp32", "ao_int8", "ao_int4", "int8", "gptq", "gptq_g64_head8"],
+        help="rows also decoded with a static KV cache and torch.compile'd step (extra rows)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llm.json")
     args = p.parse_args(argv)
     if args.quick:

@@ -262,3 +262,32 @@ def test_smollm2_knows_the_capital_of_france():
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     out = greedy_generate(model, ids, 8, eos_token_id=tok.eos_token_id)
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_compiled_decoding_equals_eager_greedy_and_times_like_a_model():
+    from slimkit.metrics.compiled import CompiledDecoding
+    from slimkit.metrics.generation import compare_generation_speed
+    from slimkit.quant import WeightOnlyConfig, quantize_
+
+    model = tiny_lm("llama", seed=5)
+    quantize_(model, WeightOnlyConfig(bits=4, group_size=32))  # the int4 kernel traces into the graph
+    prompt = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+    compiled = CompiledDecoding(model, max_cache_len=24)
+    out = compiled.generate(prompt, 10)
+    assert out.shape == (2, 19) and torch.equal(out, greedy_generate(model, prompt, 10))
+    assert set(compiled.compile_s) == {2}
+    speeds = compare_generation_speed({"c": compiled}, prompt, 8, 6, batch_sizes=(2,), repeats=1)
+    assert speeds["c"][2].decode_tokens_per_s > 0 and set(compiled.compile_s) == {2}  # no new graph
+    with pytest.raises(ValueError, match="exceed max_cache_len 24"):
+        compiled.generate(prompt, 20)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        CompiledDecoding(model, max_cache_len=1)
+
+
+def test_compiled_generation_needs_a_warmup_run():
+    from slimkit.recipes.measure import GenerationMeasure
+
+    with pytest.raises(ConfigError, match="warmup"):
+        GenerationMeasure(compile=True, warmup=0)
+    with pytest.raises(ConfigError, match="compile"):
+        GenerationMeasure(compile="yes")

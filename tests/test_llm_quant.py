@@ -236,6 +236,7 @@ def test_smollm2_int4_recipe_shape_on_a_tiny_llama(tmp_path, capsys):
     for row in rows.values():
         assert row["metrics"]["perplexity"] > 1 and row["metrics"]["seq_len"] == 32
         assert row["extra"]["generation"]["decode tok/s b1"] > 0
+        assert row["extra"]["generation_setup"]["decoding"] == "greedy, static KV cache, compiled step"
     fp32, int4 = rows["fp32"], rows["int4_gptq_g64"]
     # 14 block Linears in int4 GPTQ, the tied lm_head in int8 (the recipe's override); nothing kept float.
     assert int4["extra"]["quantized_layers"] == 15 and int4["extra"]["kept_float"] == []

@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--step", help="the step whose model to use (only the last step's model is saved)")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (default: 64)")
+    _add_export_command(sub, common)
     info = sub.add_parser(
         "info",
         parents=[common],
@@ -92,6 +93,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 TRUST_HELP = "allow the recipe's model factory to import and run its Python module (trust the recipe)"
+
+
+def _add_export_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    exp = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a finished run's model as ONNX (or a torch.export .pt2), checked against PyTorch",
+        description="Export the final model of a run folder, run the file (ONNX Runtime, or the .pt2 "
+        "program) on the export step's example (train samples of the run's data) and compare it with "
+        "the PyTorch model; nothing is written when it differs by more than --tolerance.",
+    )
+    exp.add_argument("run_dir")
+    # No argparse choices: an unknown target gets slimkit's own one-line error and exit 2.
+    exp.add_argument("--to", default="onnx", help="onnx (ONNX Runtime, default) or pt2 (torch.export)")
+    exp.add_argument("--out", help="file to write (must not exist; default: RUN_DIR/export/model.onnx|.pt2)")
+    exp.add_argument("--step", help="the step whose model to use (only the last step's model is saved)")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 to 20 (default: 17)")
+    exp.add_argument(
+        "--tolerance", type=float, help="largest relative L2 error vs PyTorch, 0 to 1 (default: 0.1)"
+    )
+    exp.add_argument("--example-samples", type=int, help="train samples to export and check on (default: 8)")
+    exp.add_argument("--threads", type=int, help="ONNX Runtime and latency threads (default: 2)")
+    exp.add_argument("--repeats", type=int, default=10, help="latency rounds, 0 to skip (default: 10)")
+    exp.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
 
 
 def _add_run_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -256,6 +281,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from slimkit.recipes.generate import generate_text
 
         print(generate_text(args.run_dir, args.prompt, args.step, args.max_new_tokens))
+        return 0
+    if args.command == "export":
+        from slimkit.recipes.export_run import export_options, export_run
+
+        flags = {k: getattr(args, k) for k in ("to", "out", "step", "opset", "repeats", "trust_code")}
+        settings = {k: getattr(args, k) for k in ("tolerance", "example_samples", "threads")}
+        print("\n".join(export_run(args.run_dir, export_options(**flags, **settings)).lines()))
         return 0
     from slimkit.recipes import load_recipe, run_recipe
     from slimkit.report import Report

@@ -320,12 +320,13 @@ def to_onnxruntime(
     path: str | os.PathLike,
     threads: int = 2,
     output_fn: Callable[[Any], Any] = first_output,
+    opset: int = 17,
 ) -> OrtModule:
     """Export ``model`` (float or slimkit-quantized) and load it in an ONNX Runtime session."""
     from slimkit.export.qdq import quantize_outputs
     from slimkit.metrics.model import count_nonzero, count_parameters
 
-    export_onnx(model, example_inputs, path, output_fn)
+    export_onnx(model, example_inputs, path, output_fn, opset=opset)
     share_input_quantization(path)
     quantize_outputs(path)  # static int8 layers: whole QDQ units for ONNX Runtime's int8 kernels
     choice = dispatch.ort_int8()

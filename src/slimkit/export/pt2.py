@@ -65,7 +65,9 @@ def export_pt2(
     with torch.no_grad():
         program = torch.export.export(wrapper, tuple(example_inputs[n] for n in names), strict=False)
     with atomic_path(path) as tmp:
-        torch.export.save(program, str(tmp))
+        named = tmp.with_name(Path(path).name)  # torch.export.save warns unless the name ends in .pt2
+        torch.export.save(program, str(named))
+        os.replace(named, tmp)
     return Path(path)
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,16 +142,21 @@ def prompt_batch(prompt_ids: torch.Tensor, batch_size: int, prompt_tokens: int) 
     return rows[index, :prompt_tokens].long().contiguous()
 
 
-def _time_once(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def _time_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    # A model with its own prefill/decode (slimkit.metrics.compiled.CompiledDecoding) runs them.
+    eager = isinstance(model, nn.Module)
     start = time.perf_counter()
-    token, cache = prefill(model, ids)
+    token, cache = prefill(model, ids) if eager else model.prefill(ids)
     middle = time.perf_counter()
-    decode(model, token, cache, new_tokens)
+    if eager:
+        decode(model, token, cache, new_tokens)
+    else:
+        model.decode(token, cache, new_tokens)
     return (middle - start) * 1000.0, (time.perf_counter() - middle) * 1000.0
 
 
 def compare_generation_speed(
-    models: Mapping[str, nn.Module],
+    models: Mapping[str, nn.Module | Any],
     prompt_ids: torch.Tensor,
     prompt_tokens: int = 128,
     new_tokens: int = 128,
@@ -161,7 +167,8 @@ def compare_generation_speed(
 ) -> dict[str, dict[int, GenerationSpeed]]:
     """``{model name: {batch size: GenerationSpeed}}``, all models timed interleaved, medians of ``repeats``.
 
-    ``prompt_ids`` holds one or more token rows (real text); each batch takes the first
+    A value may be a :class:`slimkit.metrics.compiled.CompiledDecoding` (static cache, compiled
+    step) instead of a model. ``prompt_ids`` holds one or more token rows (real text); each batch takes the first
     ``prompt_tokens`` of its rows, reusing rows in turn when there are fewer rows than the batch.
     """
     names = list(models)
@@ -174,7 +181,7 @@ def compare_generation_speed(
     times: dict[tuple[str, int], list[tuple[float, float]]] = {(n, b): [] for n in names for b in batch_sizes}
     with fixed_threads(threads), torch.inference_mode(), ExitStack() as stack:
         for model in models.values():
-            stack.enter_context(eval_mode(model))
+            stack.enter_context(eval_mode(model if isinstance(model, nn.Module) else model.model))
         for round_ in range(warmup + repeats):
             shift = round_ % len(names)
             for b in batch_sizes:

@@ -29,7 +29,8 @@ WEIGHTS = "model.safetensors"
 FOLDER = HF_FOLDER.file_name
 
 
-def _resolved(run_dir: Path) -> dict:
+def read_resolved(run_dir: Path) -> dict:
+    """The run's ``recipe.resolved.yaml`` as plain data (ModelError when it is not a finished run)."""
     file = run_dir / "recipe.resolved.yaml"
     if not file.is_file():
         raise ModelError(f"{run_dir}: not a finished slimkit run (no recipe.resolved.yaml)")
@@ -42,7 +43,8 @@ def _resolved(run_dir: Path) -> dict:
     return raw
 
 
-def _check_step(raw: dict, run_dir: Path, step: str | None) -> None:
+def check_step(raw: dict, run_dir: Path, step: str | None) -> None:
+    """``--step``: only the last step's model is kept, so only the last step may be named."""
     names = [s.get("name", s.get("type")) for s in raw["steps"] if isinstance(s, dict)]
     if step is None or (names and step == names[-1]):
         return
@@ -54,7 +56,7 @@ def _check_step(raw: dict, run_dir: Path, step: str | None) -> None:
     )
 
 
-def _fill(model: nn.Module, file: Path) -> nn.Module:
+def fill_model(model: nn.Module, file: Path) -> nn.Module:
     """Load ``file`` into ``model`` with the loader its metadata asks for."""
     from safetensors import safe_open
 
@@ -106,25 +108,32 @@ def _match_depth(model: nn.Module, file: Path) -> None:
         drop_blocks_(model, name, list(range(max(found) + 1)))
 
 
-def load_run_model(run_dir: str | Path, step: str | None = None):
-    """``(model, tokenizer)`` of a finished run: its final model, rebuilt and loaded as the run saved it."""
-    run_dir = Path(run_dir)
-    raw = _resolved(run_dir)
-    _check_step(raw, run_dir, step)
+def final_model_file(run_dir: Path, refusal: str) -> Path:
+    """The saved final model (a Hugging Face folder or a safetensors file); ``refusal`` ends the
+    message for a run that kept none (one ending with export keeps only its ONNX file)."""
     file = run_dir / FOLDER if (run_dir / FOLDER).is_dir() else run_dir / WEIGHTS
     if not file.exists():
         found = sorted(p.name for p in run_dir.glob("model*"))
         raise ModelError(
             f"{run_dir}: no {FOLDER}/ or {WEIGHTS} (found: {', '.join(found) or 'nothing'}); "
-            "a run that ends with export keeps an ONNX model, which generate does not run"
+            f"a run that ends with export keeps an ONNX model, which {refusal}"
         )
+    return file
+
+
+def load_run_model(run_dir: str | Path, step: str | None = None):
+    """``(model, tokenizer)`` of a finished run: its final model, rebuilt and loaded as the run saved it."""
+    run_dir = Path(run_dir)
+    raw = read_resolved(run_dir)
+    check_step(raw, run_dir, step)
+    file = final_model_file(run_dir, "generate does not run")
     cfg = from_dict(ModelConfig, {**raw["model"], "weights": None}, "model")
     model, tokenizer = load_model(cfg)
     if not is_causal_lm(model) or tokenizer is None:
         raise ModelError(
             f"{run_dir}: the run's model ({type(model).__name__}) is not a causal language model"
         )
-    return _fill(model, file).eval(), tokenizer
+    return fill_model(model, file).eval(), tokenizer
 
 
 def generate_text(run_dir: str | Path, prompt: str, step: str | None = None, max_new_tokens: int = 64) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from slimkit.errors import ConfigError
+from slimkit.metrics.compiled import CompiledDecoding
 from slimkit.metrics.generation import compare_generation_speed
 from slimkit.models.causal_lm import max_positions
 from slimkit.recipes.measure import MeasureConfig
@@ -52,6 +53,9 @@ def measure_generation(snapshots: list[Any], ctx: Any) -> None:
     if ctx.task.task != LM_TASK or not gen.enabled or not models:
         return
     prompts = prompt_rows(ctx.data.test.ids, max(gen.batch_sizes), gen.prompt_tokens)
+    if gen.compile:  # the warmup run compiles (checked >= 1 in the config)
+        length = gen.prompt_tokens + gen.new_tokens
+        models = {step: CompiledDecoding(model, length) for step, model in models.items()}
     speeds = compare_generation_speed(
         models,
         prompts,
@@ -67,7 +71,7 @@ def measure_generation(snapshots: list[Any], ctx: Any) -> None:
         "new_tokens": gen.new_tokens,
         "threads": m.threads,
         "repeats": gen.repeats,
-        "decoding": "greedy, KV cache",
+        "decoding": "greedy, static KV cache, compiled step" if gen.compile else "greedy, KV cache",
     }
     for s in snapshots:
         if s.step not in speeds:

@@ -13,6 +13,9 @@ class GenerationMeasure:
 
     Prefill tokens/s (a prompt of ``prompt_tokens``) and decode tokens/s (``new_tokens`` one-token
     steps) at each batch size, medians of ``repeats`` runs after ``warmup``, all steps interleaved.
+    ``compile``: decode through a static KV cache with the one-token step compiled by
+    ``torch.compile`` (:mod:`slimkit.metrics.compiled`; the warmup run compiles, about a minute per
+    step and batch size for a 135M model, needs a C++ compiler) instead of eager.
     """
 
     enabled: bool = True
@@ -21,12 +24,17 @@ class GenerationMeasure:
     batch_sizes: tuple[int, ...] = (1, 8)
     repeats: int = 3
     warmup: int = 1
+    compile: bool = False
 
     def __post_init__(self):
-        require(isinstance(self.enabled, bool), "enabled", "must be true or false")
+        for name in ("enabled", "compile"):
+            require(isinstance(getattr(self, name), bool), name, "must be true or false")
         for name in ("prompt_tokens", "new_tokens", "repeats"):
             positive_int(getattr(self, name), name)
         require(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "must be an integer >= 0")
+        require(
+            not self.compile or self.warmup >= 1, "warmup", "compile: true needs warmup >= 1 (it compiles)"
+        )
         require(len(self.batch_sizes) > 0, "batch_sizes", "must list at least one batch size")
         for i, size in enumerate(self.batch_sizes):
             positive_int(size, f"batch_sizes[{i}]")
