@@ -95,6 +95,12 @@ ROWS: dict[str, Row] = {
     "rtn_g64_head": Row(
         "  RTN g64 + lm_head int4", "slimkit", {**_wo(4, 64), "overrides": {}}, "lm_head int4 g64 as well"
     ),
+    "ao_int4_g64": Row(
+        "  torchao int4 WO g64 (bf16 model)",
+        "torchao",
+        {"bits": 4, "group_size": 64},
+        "as torchao int4 g128, groups of 64: every block Linear int4, lm_head bf16",
+    ),
     "gptq_g64_head8": Row(
         "  GPTQ g64 + lm_head int8",
         "slimkit",
@@ -357,7 +363,10 @@ def targets(rows: dict) -> list[tuple[str, str, bool | None]]:
         if share is not None:
             text = f"{100 * share:.0f}% of {ref}'s loss (removes {100 * (1 - share):.0f}%; paper GPTQ: 64%)"
             out.append((f"{key} loses <= 1/2 of {ref}'s ppl loss", text, share <= 0.5))
-    for key in [k for k in rows if k.removesuffix(COMPILED) in INT4_G128 or "_g64" in k]:
+    int4 = [
+        k for k in rows if not k.startswith("ao_") and (k.removesuffix(COMPILED) in INT4_G128 or "_g64" in k)
+    ]
+    for key in int4:
         out.append(_decode_target(rows, key))
     for key in [k for k in CALIBRATED if k in rows]:
         ratio = rows[key]["peak_ratio"]
@@ -366,10 +375,11 @@ def targets(rows: dict) -> list[tuple[str, str, bool | None]]:
 
 
 def _decode_target(rows: dict, key: str) -> tuple[str, str, bool]:
-    """Decode b1 >= 3x fp32 eager; g128 rows also ahead of torchao int4 (compiled against compiled)."""
+    """Decode b1 >= 3x fp32 eager and ahead of torchao int4 at the same group size (compiled against
+    compiled, eager against eager)."""
     r, compiled = rows[key], key.endswith(COMPILED)
-    ao_key = "ao_int4" + (COMPILED if compiled else "")
-    ao = rows.get(ao_key, {}).get("decode_b1") if key.removesuffix(COMPILED) in INT4_G128 else None
+    ao_key = ("ao_int4_g64" if "_g64" in key else "ao_int4") + (COMPILED if compiled else "")
+    ao = rows.get(ao_key, {}).get("decode_b1")
     ahead = "" if ao is None else f", {ao_key} {ao:.1f} tok/s"
     return (
         f"{key} decode b1 >= 3x fp32 eager" + (f" and > {ao_key}" if ao is not None else ""),
@@ -469,7 +479,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compile",
         nargs="*",
         choices=list(ROWS),
-        default=["fp32", "ao_int8", "ao_int4", "int8", "gptq", "gptq_g64_head8"],
+        default=["fp32", "ao_int8", "ao_int4", "ao_int4_g64", "int8", "gptq", "gptq_g64_head8"],
         help="rows also decoded with a static KV cache and torch.compile'd step (extra rows)",
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llm.json")

@@ -19,10 +19,13 @@ from __future__ import annotations
 import time
 
 import torch
+import torch._dynamo.config as dynamo_config
 from torch import nn
 
 from slimkit.metrics.generation import _next_token, _options
 from slimkit.metrics.modes import eval_mode
+
+RECOMPILE_LIMIT = 64  # graphs per code object: models x batch sizes compiled in one process
 
 
 class CompileUnavailable(RuntimeError):
@@ -83,8 +86,13 @@ class CompiledDecoding:
         return produced
 
     def _run(self, ids: torch.Tensor, position: torch.Tensor, cache):
+        # Every (model, batch size) is one more graph of the same code (the model class's forward), and
+        # dynamo stops compiling a code after `recompile_limit` graphs (8), then runs it eager without a
+        # word: raise the limit, and make running past it an error rather than a silent eager step.
+        limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         try:
-            return self._step(input_ids=ids, cache_position=position, **self._args(cache))
+            with dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+                return self._step(input_ids=ids, cache_position=position, **self._args(cache))
         except Exception as err:  # inductor's own errors (compiler missing, unsupported op) vary widely
             if type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise CompileUnavailable(f"torch.compile could not build the decoding step: {err}") from err
