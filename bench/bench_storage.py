@@ -10,7 +10,10 @@ the pipeline against the dense model of the same run:
    centroids fine-tuned in the Trainer, saved by ``save_compressed`` with the coders
    limited to raw / b-bit packing (b-bit indices, gaps as LEB128 bytes, fp32 codebooks);
 4. + entropy coding: the same model, ``save_compressed`` choosing per tensor the smallest
-   of raw, bitpack, Huffman, zlib, bz2, lzma.
+   of raw, bitpack, Huffman, zlib, bz2, lzma;
+5. + int8 activations: the same fine-tuned codebooks converted as ``activation_bits: 8`` would
+   (int8 codebook, one scale per layer; dynamic per-tensor int8 activations on slimkit's int8
+   GEMM), entropy-coded like row 4.
 
 Bytes are whole files as written (header, JSON layer table, codebooks, biases, indices,
 positions); the ratio is the dense fp32 safetensors file over the row's file. Every
@@ -35,7 +38,7 @@ from slimkit.data import load_mnist
 from slimkit.models.builtin import LeNet300100
 from slimkit.prune import GradualConfig, GradualPruningCallback, finalize_, load_sparse, save_sparse
 from slimkit.quant import CodebookConfig, convert_, load_compressed, quantize_, save_compressed
-from slimkit.quant.codebook import CodebookConv2d
+from slimkit.quant.codebook import CodebookConv2d, SharedWeights
 from slimkit.utils.io import save_weights, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,6 +88,16 @@ def share_weights(pruned, train, test, args) -> tuple[nn.Module, float]:
     return model, before
 
 
+def int8_activations(shared: nn.Module) -> nn.Module:
+    """A copy whose shared layers run int8 activations: what ``convert_`` does with ``activation_bits: 8``
+    (called on the layers directly so that both rows share the very same fine-tuned centroids)."""
+    model = copy.deepcopy(shared)
+    for layer in model.modules():
+        if isinstance(layer, SharedWeights):
+            layer.int8_activations_()
+    return model
+
+
 def _exact_reload(model, build, path: Path, x: torch.Tensor) -> bool:
     fresh = load_compressed(build(), path)
     same = model.state_dict().keys() == fresh.state_dict().keys() and all(
@@ -114,6 +127,7 @@ def bench_model(key: str, args, out: dict) -> str:
     pruned = prune_gradually(dense, bundle.train, sparsity, args.ft_epochs)
     kept = _nonzero_fraction(pruned)
     shared, acc_unshared = share_weights(pruned, bundle.train, bundle.test, args)
+    int8 = int8_activations(shared)
     x = bundle.test[0][0].unsqueeze(0).repeat(8, 1, 1, 1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -127,6 +141,8 @@ def bench_model(key: str, args, out: dict) -> str:
                 _exact_reload(shared, build, tmp / "packed.slim", x)),
             "+ entropy coding (best of Huffman/zlib/bz2/lzma per tensor)": (
                 shared, save_compressed(shared, tmp / "coded.slim"), _exact_reload(shared, build, tmp / "coded.slim", x)),
+            "+ int8 activations (int8 codebook, entropy-coded)": (
+                int8, save_compressed(int8, tmp / "int8.slim"), _exact_reload(int8, build, tmp / "int8.slim", x)),
         }  # fmt: skip
         coders = _coders(tmp / "coded.slim")
     dense_bytes = files["dense (fp32 safetensors)"][1]

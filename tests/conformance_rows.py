@@ -182,11 +182,11 @@ def _qat(model, name, example):
     return model
 
 
-def _codebook(model, name, example):
+def _codebook(model, name, example, activation_bits=None):
     """Shared weights: prepare (k-means), one centroid fine-tuning step at a tiny rate, convert."""
     from slimkit.batch import first_output
 
-    quant.prepare_(model, quant.CodebookConfig(bits=6))
+    quant.prepare_(model, quant.CodebookConfig(bits=6, activation_bits=activation_bits))
     x = example(name, 16, 2)
     first_output(model(**x) if isinstance(x, dict) else model(x)).float().pow(2).mean().backward()
     with torch.no_grad():
@@ -232,6 +232,10 @@ QUANT_ROWS = [
     _quant_row("codebook", ("mlp", "cnn", "bert", "llama"), _codebook, 0.1,
                (lambda: quant.CodebookConfig(bits=9), "bits"),
                {"type": "quantize", "codebook": {"bits": 5}, "train": {"epochs": 1, "lr": 0.0001, "progress": False}}),
+    _quant_row("codebook", ("mlp", "cnn", "bert", "llama"), functools.partial(_codebook, activation_bits=8), 0.1,
+               (lambda: quant.CodebookConfig(activation_bits=4), "activation_bits"),
+               {"type": "quantize", "codebook": {"bits": 5, "activation_bits": 8},
+                "train": {"epochs": 1, "lr": 0.0001, "progress": False}}, variant="int8_activations"),
     _quant_row("bf16", ("mlp", "cnn", "bert", "llama"), _quantize(quant.BF16Config), 0.02,
                (lambda: quant.BF16Config(include=[]), "include"), {"type": "quantize", "bf16": {}}),
     _quant_row("mixed", ("mlp", "cnn", "bert", "llama"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from slimkit import quant
 from slimkit.errors import ConfigError, ModelError
-from slimkit.quant.codebook import CodebookLinear, cluster, kmeans_1d
+from slimkit.quant.codebook import CodebookLinear, SharedWeights, cluster, kmeans_1d, to_float
 from slimkit.train import TrainConfig, Trainer
 from slimkit.utils import entropy
 
@@ -33,8 +35,11 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"), [({"bits": 9}, "bits"), ({"bits": 1}, "bits"), ({"levels": "cube"}, "levels")]
-)
+    ("kwargs", "field"),
+    [({"bits": 9}, "bits"), ({"bits": 1}, "bits"), ({"levels": "cube"}, "levels"),
+     ({"activation_bits": 4}, "activation_bits"), ({"activation_bits": True}, "activation_bits"),
+     ({"activation_bits": "8"}, "activation_bits")],
+)  # fmt: skip
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError) as err:
         quant.CodebookConfig(**kwargs)
@@ -192,3 +197,76 @@ def test_pow2_and_log_levels():
     ratios = codebook[4:][1:] / codebook[4:][:-1]
     torch.testing.assert_close(ratios, torch.full((3,), float(ratios[0])))  # geometric spacing
     assert float(codebook.max()) == 1.0
+
+
+def _int8_pair(bits: int = 5):
+    """A pruned MLP and a CNN, each converted twice: float codebook and ``activation_bits: 8``."""
+    torch.manual_seed(1)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10))
+    pairs = []
+    for float_model, x in ((_pruned_mlp(), torch.randn(64, 32)), (cnn, torch.randn(16, 3, 6, 6))):
+        int8_model = copy.deepcopy(float_model)
+        for m, act in ((float_model, None), (int8_model, 8)):
+            quant.quantize_(m, quant.CodebookConfig(bits=bits, activation_bits=act))
+            quant.convert_(m)
+        pairs.append((float_model, int8_model, x))
+    return pairs
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_int8_activations_stay_close_to_the_float_codebook_on_a_shared_int8_table():
+    for float_model, int8_model, x in _int8_pair(bits=5):
+        with torch.no_grad():
+            assert _rel(int8_model(x), float_model(x)) < 0.02
+        layers = [m for m in int8_model.modules() if isinstance(m, SharedWeights)]
+        assert len(layers) == 2
+        for layer in layers:
+            assert layer.kernel() is not None and layer.qweight.dtype == torch.int8
+            table = torch.round(layer.codebook / layer.w_scale).to(torch.int8)
+            assert int(table.abs().max()) == 127  # the one symmetric scale spans the codebook
+            expected = table[layer.indices.long()].reshape(layer.qweight.shape[0], -1)
+            if layer.mask is not None:
+                kept = layer.mask.reshape(expected.shape)
+                expected = torch.where(kept, expected, torch.zeros((), dtype=torch.int8))
+                assert bool((layer.qweight[~kept] == 0).all())  # pruned zeros stay zero
+                assert layer.qweight[kept].unique().numel() <= 2**5
+            else:
+                assert layer.qweight.unique().numel() <= 2**5
+            assert torch.equal(layer.qweight, expected)
+            torch.testing.assert_close(
+                layer.weight().reshape(expected.shape), expected.float() * layer.w_scale
+            )
+
+
+@pytest.mark.parametrize("save", ["compressed", "quantized"])
+def test_int8_activation_layers_round_trip_exactly_and_the_file_does_not_grow(tmp_path, save):
+    for float_model, int8_model, x in _int8_pair(bits=4):
+        sizes = []
+        for m in (float_model, int8_model):
+            path = tmp_path / ("m.safetensors" if save == "quantized" else "m.slim")
+            sizes.append(getattr(quant, f"save_{save}")(m, path))
+        fresh = copy.deepcopy(float_model)  # a float model of the same architecture
+        for name, layer in list(fresh.named_children()):
+            if isinstance(layer, SharedWeights):
+                setattr(fresh, name, to_float(layer))
+        getattr(quant, f"load_{save}")(fresh, path)
+        assert _same_state(int8_model, fresh)  # indices, masks, codebooks, scales bit for bit
+        with torch.no_grad():
+            assert torch.equal(fresh(x), int8_model(x))
+        assert all(m.qweight is not None for m in fresh.modules() if isinstance(m, SharedWeights))
+        assert "qweight" not in " ".join(int8_model.state_dict())  # derived, not stored
+        # Per layer only the 4-byte scale and its header entries: the weights' bytes do not grow.
+        assert sizes[1] - sizes[0] <= 2 * 128
+
+
+def test_load_state_dict_rebuilds_the_gathered_int8_weight():
+    _, model, x = _int8_pair()[0]
+    before, out = model[0].qweight.clone(), model(x)
+    state = model.state_dict()
+    state["0.codebook"] = -state["0.codebook"]  # same scale; torch.round is symmetric
+    model.load_state_dict(state)
+    assert torch.equal(model[0].qweight, -before)
+    assert not torch.equal(model(x), out)  # the int8 layer computes with the new table, not a stale one

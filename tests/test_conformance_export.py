@@ -46,6 +46,7 @@ ONNX = {
     "quant/awq": 0.02,
     "quant/qat": 0.05,
     "quant/codebook": 1e-4,
+    "quant/codebook[int8_activations]": REFUSED,  # int8 codebook + int8 activations: no ONNX form yet
     "quant/bf16": REFUSED,
     "quant/mixed": REFUSED,  # its int8_dynamic part is per token
     "distill/distill_": 1e-4,
@@ -127,6 +128,7 @@ PT2 = {
     "quant/awq": 1e-5,
     "quant/qat": REFUSED,
     "quant/codebook": 1e-5,
+    "quant/codebook[int8_activations]": REFUSED,  # slimkit's int8 kernels, like int8_dynamic
     "quant/bf16": 0.01,  # the traced path may take the other bf16 branch (native vs fp32 math)
     "quant/mixed": REFUSED,
 }

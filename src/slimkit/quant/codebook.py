@@ -13,6 +13,15 @@ the indices directly, so weight sharing saves storage, not time. While being
 fine-tuned (``trainable``) the codebook is a Parameter: autograd sums the
 gradients of all weights of a cluster into its centroid (the gather's
 backward), so the weights of a cluster stay tied by construction.
+
+With int8 activations (:meth:`SharedWeights.int8_activations_`, the config's
+``activation_bits: 8``, applied when the layer is frozen) the codebook itself is
+quantized to int8 with one symmetric scale per layer, so the int8 weight still
+takes at most ``2**bits`` values (an int8 codebook, indices unchanged). The int8
+matrix is gathered once (a non-persistent buffer, rebuilt by :meth:`refresh` and
+on ``load_state_dict``) and the forward runs slimkit's dynamic int8 Linear/Conv2d
+(activations per tensor) on it, so the kernel is :mod:`slimkit.utils.dispatch`'s
+choice. The file still holds indices + codebook, plus the scale.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from slimkit.quant.modules import QuantConv2d, QuantLinear, _Cached
+from slimkit.utils.dispatch import KernelChoice
 
 
 def kmeans_1d(values: np.ndarray, k: int, init: str = "linear", iterations: int = 100) -> np.ndarray:
@@ -94,7 +106,7 @@ def cluster(
     return codebook, indices, mask
 
 
-class SharedWeights(nn.Module):
+class SharedWeights(_Cached):
     """Indices, optional mask, codebook and bias; ``trainable`` makes codebook and bias Parameters."""
 
     def _init_shared(self, codebook, indices, mask, bias, trainable: bool) -> None:
@@ -107,15 +119,70 @@ class SharedWeights(nn.Module):
                 self.register_buffer(name, value.detach().float().clone())
         self.register_buffer("indices", indices.to(torch.uint8))
         self.register_buffer("mask", None if mask is None else mask.to(torch.bool))
+        # int8 activations (None: float compute): the codebook's int8 scale, saved; the gathered int8
+        # weight, derived, so the file keeps only indices + codebook + scale.
+        self.activation_bits: int | None = None
+        self.register_buffer("w_scale", None)
+        self.register_buffer("qweight", None, persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @property
     def bits(self) -> int:
         return max(1, (self.codebook.numel() - 1).bit_length())
 
     def weight(self) -> torch.Tensor:
-        """The shared float weight: ``codebook[indices]`` (zero where the mask is off)."""
-        w = self.codebook[self.indices.long()]
+        """The shared weight the layer computes with: ``codebook[indices]`` (zero where the mask is off),
+        the int8 codebook times its scale once the activations are int8."""
+        values = self.codebook if self.w_scale is None else self.int8_codebook().float() * self.w_scale
+        return self._gather(values)
+
+    def _gather(self, values: torch.Tensor) -> torch.Tensor:
+        w = values[self.indices.long()]
         return w if self.mask is None else torch.where(self.mask, w, torch.zeros((), dtype=w.dtype))
+
+    def int8_codebook(self) -> torch.Tensor:
+        """``round(codebook / w_scale)`` as int8 (needs :meth:`int8_activations_` first)."""
+        return torch.round(self.codebook.detach() / self.w_scale).clamp_(-127, 127).to(torch.int8)
+
+    def int8_activations_(self) -> SharedWeights:
+        """Compute with int8 activations from now on: one symmetric int8 scale for the whole codebook.
+
+        Why one scale per layer rather than per channel: every output channel then reads
+        the same ``2**bits`` int8 values, so the table stays exactly shared.
+        """
+        self.activation_bits = 8
+        top = self.codebook.detach().abs().max().float().clamp(min=1e-12)
+        self.w_scale = (top / 127.0).reshape(())
+        self.refresh()
+        return self
+
+    def refresh(self) -> None:
+        """Rebuild the gathered int8 weight (after loading a state dict); nothing for a float layer."""
+        if self.w_scale is None:
+            self.qweight = None
+            return
+        q = self._gather(self.int8_codebook())
+        self.qweight = q.reshape(q.shape[0], -1).contiguous()
+
+    def _int8_layer(self) -> QuantLinear | QuantConv2d:
+        """The dynamic int8 layer (activations per tensor) on this layer's very ``qweight``, kept until
+        ``qweight``, scale or bias change (a device move or a load makes new tensors)."""
+        return self._derived("int8", (self.qweight, self.w_scale, self.bias_value), self._build_int8)
+
+    def _build_int8(self) -> QuantLinear | QuantConv2d:
+        if isinstance(self, CodebookConv2d):
+            layer = QuantConv2d(_ConvShape(self), "dynamic", "tensor")
+        else:
+            layer = QuantLinear(self.in_features, self.out_features, "dynamic", "tensor")
+        layer.qweight = self.qweight  # shared, not copied
+        layer.w_scale = self.w_scale.expand(self.qweight.shape[0]).contiguous()
+        layer._set_bias(self.bias_value)
+        layer.refresh()
+        return layer.to(self.qweight.device)
+
+    def kernel(self) -> KernelChoice | None:
+        """The int8 kernel this layer runs (:mod:`slimkit.utils.dispatch`), or None when it computes in float."""
+        return None if self.qweight is None else self._int8_layer().kernel()
 
     def bias(self) -> torch.Tensor | None:
         return self.bias_value
@@ -134,12 +201,20 @@ class SharedWeights(nn.Module):
         return isinstance(self.codebook, nn.Parameter)
 
     def onnx_problem(self) -> str | None:
-        """None: the gather and the float op export as ONNX Gather/Where and MatMul/Conv."""
-        return None
+        """None: the gather and the float op export as ONNX Gather/Where and MatMul/Conv. With int8
+        activations: refused (no ONNX form of a shared int8 codebook yet; the float variant exports)."""
+        return None if self.w_scale is None else "codebook layer with int8 activations"
+
+    def pt2_problem(self) -> str | None:
+        """Asked by :mod:`slimkit.export.pt2`: the int8 variant runs slimkit's int8 kernels, which do not trace."""
+        return (
+            None if self.w_scale is None else "codebook layer with int8 activations on slimkit's int8 kernels"
+        )
 
     def _shared_repr(self) -> str:
         sparse = "" if self.mask is None else f", nonzero={int(self.mask.sum())}/{self.mask.numel()}"
-        return f"bits={self.bits}{sparse}, trainable={self.trainable}"
+        int8 = "" if self.w_scale is None else ", int8 activations per tensor"
+        return f"bits={self.bits}{sparse}, trainable={self.trainable}{int8}"
 
 
 class CodebookLinear(SharedWeights):
@@ -153,6 +228,8 @@ class CodebookLinear(SharedWeights):
         return cls(module.in_features, module.out_features, *shared, module.bias, trainable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self._int8_layer()(x)
         return F.linear(x, self.weight().to(x.dtype), _cast(self.bias_value, x))
 
     def extra_repr(self) -> str:
@@ -172,6 +249,8 @@ class CodebookConv2d(SharedWeights):
         return cls(module, *shared, module.bias, trainable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self._int8_layer()(x)
         w = self.weight().to(x.dtype)
         return F.conv2d(
             x, w, _cast(self.bias_value, x), self.stride, self.padding, self.dilation, self.groups
@@ -179,6 +258,19 @@ class CodebookConv2d(SharedWeights):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, {self._shared_repr()}"
+
+
+class _ConvShape:
+    """What :class:`QuantConv2d`'s constructor reads of a Conv2d (its bias is set afterwards)."""
+
+    def __init__(self, conv: CodebookConv2d):
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation, self.bias = conv.padding, conv.dilation, None
+
+
+def _refresh_after_load(module: SharedWeights, _incompatible) -> None:
+    module.refresh()
 
 
 def _cast(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from slimkit.recipes.schema import Recipe
 from slimkit.recipes.steps.base import RunContext, step_type
 from slimkit.recipes.steps.export import OnnxRuntimeExport, export_example
 from slimkit.utils.io import atomic_path
+from slimkit.utils.quiet import quiet_libraries
 
 TARGETS = {"onnx": ".onnx", "pt2": ".pt2"}
 FOLDER = "export"  # inside the run folder: the run's own files are never replaced
@@ -127,14 +129,13 @@ def output_path(run_dir: Path, options: ExportOptions) -> Path:
 def run_context(run_dir: Path, step: str | None = None, trust_code: bool = False) -> RunContext:
     """The run's data, task and final model (filled from its saved file), as its steps saw them."""
     if not run_dir.is_dir():
-        raise ExportError(f"{run_dir}: no such folder (give a run folder that slimkit run wrote)")
+        why = "is not a folder" if run_dir.exists() else "no such folder"
+        raise ExportError(f"{run_dir}: {why} (give a run folder that slimkit run wrote)")
     raw = read_resolved(run_dir)
     check_step(raw, run_dir, step)
     file = final_model_file(run_dir, "is exported already")
-    recipe = Recipe(
-        model=from_dict(
-            ModelConfig, {**raw["model"], "weights": None}, "model"
-        ),  # the run's file replaces them
+    recipe = Recipe(  # weights: the run's saved file replaces them (the original may be gone)
+        model=from_dict(ModelConfig, {**raw["model"], "weights": None}, "model"),
         data=from_dict(DataConfig, raw["data"], "data"),
         steps=[],
         output=str(run_dir),
@@ -162,11 +163,19 @@ def _student(ctx: RunContext, steps: list) -> torch.nn.Module | None:
 
 
 def export_run(run_dir: str | Path, options: ExportOptions) -> ExportResult:
-    """Export the run's final model to ``options.to``, checked on the export step's example."""
+    """Export the run's final model to ``options.to``, checked on the export step's example.
+
+    Hugging Face's bars and the tracer's warnings are off: the check on the example is what says
+    whether the trace holds, and the command prints its own few lines."""
+    with quiet_libraries(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return _export_run(Path(run_dir), options)
+
+
+def _export_run(run_dir: Path, options: ExportOptions) -> ExportResult:
     from slimkit.export.onnx import check_exportable
     from slimkit.export.pt2 import check_pt2_exportable
 
-    run_dir = Path(run_dir)
     path = output_path(run_dir, options)  # a bad --out is named before the model loads
     ctx = run_context(run_dir, options.step, options.trust_code)
     (check_exportable if options.to == "onnx" else check_pt2_exportable)(ctx.model)  # names layers
@@ -177,8 +186,7 @@ def export_run(run_dir: str | Path, options: ExportOptions) -> ExportResult:
         with atomic_path(path) as tmp:  # renamed onto ``path`` only once the check below passed
             named = tmp.parent / path.name  # in atomic_path's private folder; torch.export wants .pt2
             exported = _write(options, ctx.model, example, named)
-            ref, out = _outputs(ctx.model, exported, example)
-            max_abs, rel = float((out - ref).abs().max()), _relative_error(out, ref)
+            max_abs, rel = _difference(*_outputs(ctx.model, exported, example))
             if not rel <= settings.tolerance:
                 raise ExportError(
                     f"{options.to}: the exported model's output differs from the PyTorch model's by "
@@ -192,7 +200,7 @@ def export_run(run_dir: str | Path, options: ExportOptions) -> ExportResult:
         raise
     latency = _latency(ctx.model, exported, example, options) if options.repeats else None
     return ExportResult(
-        path, options.to, _size(path), _samples(example), max_abs, rel, settings.tolerance, latency
+        path, options.to, path.stat().st_size, _samples(example), max_abs, rel, settings.tolerance, latency
     )
 
 
@@ -215,19 +223,16 @@ def _outputs(model: torch.nn.Module, exported, example: dict) -> tuple[torch.Ten
         return first_output(model(**example)).float(), exported(**example).float()
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """The export step's measure (relative L2 over the whole output; see ``runtime_error``)."""
+def _difference(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    """Max abs difference and the export step's measure, relative L2 over the whole output
+    (``runtime_error``); an output of another shape is infinitely far."""
     if out.shape != ref.shape:
-        return float("inf")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+        return float("inf"), float("inf")
+    return float((out - ref).abs().max()), float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def _samples(example: dict) -> int:
     return int(next(iter(example.values())).shape[0])
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*")) if path.is_dir() else path.stat().st_size
 
 
 def _latency(model, exported, example: dict, options: ExportOptions) -> dict[str, float]:

@@ -8,6 +8,9 @@ centroid receives the summed gradient of its weights, the indices stay fixed);
 prepares, and the recipe step trains (``train:``, default 1 epoch) before it
 converts. ``levels: log | pow2`` are the non-uniform scalar quantizers (fixed
 sign-symmetric levels instead of k-means; pow2 levels stay powers of two: not trained).
+``activation_bits: 8`` makes ``convert_`` quantize each codebook to int8 (one symmetric
+scale per layer, so the table stays shared) and the frozen layers run slimkit's
+dynamic int8 GEMM with activations per tensor; fine-tuning before it stays float.
 
 Saved by :func:`~slimkit.quant.save_quantized` (safetensors) or, entropy-coded,
 by :func:`~slimkit.quant.save_compressed`: the indices of the non-zero weights
@@ -49,6 +52,7 @@ class CodebookConfig(QuantConfig):
     levels: str = "kmeans"
     init: str = "linear"  # k-means start: linear over [min, max] (Han et al.'s best) or density (quantiles)
     iterations: int = 100
+    activation_bits: int | None = None  # 8: int8 codebook and int8 activations once converted
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,6 +64,11 @@ class CodebookConfig(QuantConfig):
         one_of(self.levels, "levels", LEVELS)
         one_of(self.init, "init", ("linear", "density"))
         positive_int(self.iterations, "iterations")
+        require(
+            self.activation_bits is None or (type(self.activation_bits) is int and self.activation_bits == 8),
+            "activation_bits",
+            f"must be 8 (int8 activations) or null (float compute), got {self.activation_bits!r}",
+        )
 
 
 def _layer(config: CodebookConfig, module: nn.Module, trainable: bool) -> SharedWeights:
@@ -69,7 +78,8 @@ def _layer(config: CodebookConfig, module: nn.Module, trainable: bool) -> Shared
 
 
 def _describe(module: SharedWeights) -> Info:
-    return {"bits": module.bits, "sparse": module.mask is not None}
+    int8 = {} if module.activation_bits is None else {"activation_bits": module.activation_bits}
+    return {"bits": module.bits, "sparse": module.mask is not None, **int8}
 
 
 def _pack(state: State, name: str, info: Info) -> None:
@@ -122,8 +132,18 @@ def _rebuild(float_module: nn.Module, info: Info) -> nn.Module:
         torch.zeros(shape, dtype=torch.bool) if info.get("sparse") else None,
     )
     if isinstance(float_module, nn.Conv2d):
-        return CodebookConv2d(float_module, *empty, bias=float_module.bias)
-    return CodebookLinear(float_module.in_features, float_module.out_features, *empty, bias=float_module.bias)
+        layer = CodebookConv2d(float_module, *empty, bias=float_module.bias)
+    else:
+        layer = CodebookLinear(
+            float_module.in_features, float_module.out_features, *empty, bias=float_module.bias
+        )
+    if info.get("activation_bits") is not None:
+        if info["activation_bits"] != 8:
+            raise ModelError(
+                f"codebook layer with activation_bits {info['activation_bits']!r} (only 8 is known)"
+            )
+        layer.activation_bits, layer.w_scale = 8, torch.ones(())  # the stored scale replaces it
+    return layer
 
 
 _CODECS = (
@@ -149,10 +169,12 @@ class Codebook(QuantMethod):
     def build(self, config: CodebookConfig, module: nn.Module, collectors: dict[str, Any]) -> nn.Module:
         """The fine-tuned shared layer, frozen (a float layer is clustered first)."""
         shared = module if isinstance(module, SharedWeights) else _layer(config, module, trainable=False)
-        return shared.freeze_()
+        shared.freeze_()
+        return shared if config.activation_bits is None else shared.int8_activations_()
 
     def weight_bytes(self, config: CodebookConfig, module: nn.Module) -> float:
-        return module.weight.numel() * config.bits / 8 + 4.0 * 2**config.bits
+        scale = 0.0 if config.activation_bits is None else 4.0
+        return module.weight.numel() * config.bits / 8 + 4.0 * 2**config.bits + scale
 
 
 METHOD = register_method(Codebook())
