@@ -217,3 +217,22 @@ def test_gptq_works_in_the_hessian_it_is_given_only_when_told():
         assert torch.equal(h, kept)  # not told: the caller's Hessian is left alone
         mine = gptq_quantize(w, h, spec, act_order=act_order, overwrite=True)
         assert all(torch.equal(a, b) for a, b in zip(ref, mine)) and not torch.equal(h, kept)
+
+
+@pytest.mark.parametrize(("granularity", "group", "act_order"), [("group", 16, True), ("channel", None, False)])
+def test_gptq_in_row_chunks_equals_gptq_at_once(monkeypatch, granularity, group, act_order):
+    from slimkit.quant import gptq
+    from slimkit.quant.affine import QSpec
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 32, generator=gen)
+    w[::3, ::2] = 0.0  # 25% exact zeros: the pruned-layer path, decided once for all chunks
+    x = torch.randn(200, 32, generator=gen)
+    h = (2 * x.T @ x).double()
+    spec = QSpec(4, True, granularity, 0, group)
+    whole = gptq.gptq_quantize(w, h, spec, act_order=act_order)
+    monkeypatch.setattr(gptq, "ROW_CHUNK_BYTES", 8 * 32 * 7)  # 7 rows per pass: 8 chunks, the last short
+    chunked = gptq.gptq_quantize(w, h, spec, act_order=act_order)
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert torch.equal(whole[0][::3, ::2], torch.zeros_like(whole[0][::3, ::2]))  # zeros kept

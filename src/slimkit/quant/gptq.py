@@ -23,6 +23,7 @@ from slimkit.calibration.collectors import inverse_hessian_factor_
 from slimkit.quant.affine import QSpec, dequantize, minmax, qparams, quantize
 
 SPARSE_FRACTION = 0.1  # dense trained weights are almost never exactly zero; pruned layers are
+ROW_CHUNK_BYTES = 64 << 20  # float64 working copy of the weight rows quantized in one pass
 
 
 def gptq_quantize(
@@ -43,11 +44,28 @@ def gptq_quantize(
     With groups, each group's scale and zero point are then fixed beforehand
     from the float weights of the group in storage order ("static groups"), so
     the stored layout is the same as without it.
+
+    Output rows are independent given ``H`` (each row's errors move along its own columns), so a
+    tall layer is quantized ``ROW_CHUNK_BYTES`` of float64 rows at a time: SmolLM2's tied lm_head
+    (49152 x 576) would otherwise need a 226 MB float64 working copy at once.
     """
+    n_out, k = weight.shape
+    sparse = int(torch.count_nonzero(weight)) <= (1 - SPARSE_FRACTION) * weight.numel()
+    rows = max(1, ROW_CHUNK_BYTES // (8 * k))
+    if spec.granularity == "tensor" or n_out <= rows:  # one scale for all rows: no chunks
+        return _gptq_rows(weight, hessian, spec, damp, block_size, act_order, overwrite, sparse)
+    parts = [
+        _gptq_rows(weight[i : i + rows], hessian, spec, damp, block_size, act_order, False, sparse)
+        for i in range(0, n_out, rows)
+    ]
+    codes, scales, zeros = zip(*parts, strict=True)
+    return torch.cat(codes), torch.cat(scales), torch.cat(zeros)
+
+
+def _gptq_rows(weight, hessian, spec: QSpec, damp, block_size, act_order, overwrite, sparse: bool):
     w = weight.detach().double().clone()
     n_out, k = w.shape
-    keep = weight != 0
-    keep = None if float(keep.float().mean()) > 1 - SPARSE_FRACTION else keep
+    keep = (weight != 0) if sparse else None
     h = hessian.double()
     if h is hessian and not overwrite:
         h = h.clone()
