@@ -219,7 +219,9 @@ def test_gptq_works_in_the_hessian_it_is_given_only_when_told():
         assert all(torch.equal(a, b) for a, b in zip(ref, mine)) and not torch.equal(h, kept)
 
 
-@pytest.mark.parametrize(("granularity", "group", "act_order"), [("group", 16, True), ("channel", None, False)])
+@pytest.mark.parametrize(
+    ("granularity", "group", "act_order"), [("group", 16, True), ("channel", None, False)]
+)
 def test_gptq_in_row_chunks_equals_gptq_at_once(monkeypatch, granularity, group, act_order):
     from slimkit.quant import gptq
     from slimkit.quant.affine import QSpec
