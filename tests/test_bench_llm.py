@@ -35,7 +35,10 @@ def result(bench):
     ids = torch.randint(0, 320, (400,))
     test = TokenWindows(ids[:96], 16)
     calib = [{"input_ids": ids[i : i + 16][None]} for i in range(100, 400, 16)][:4]
-    args = bench.parse_args(["--rows", *ROWS, "--seq-len", "16", "--prompt-tokens", "8", "--new-tokens", "4"])
+    args = bench.parse_args(
+        ["--rows", *ROWS, "--seq-len", "16", "--prompt-tokens", "8", "--new-tokens", "4"]
+        + ["--compile", "gptq_g64_head8"]  # one compiled row: the same model decoded by CompiledDecoding
+    )
     args.repeats = 1
     out = bench.run_bench(model, test, calib, prompt_rows(ids, 8, 8), args)
     out["targets"] = bench.targets(out["rows"])
@@ -45,7 +48,7 @@ def result(bench):
 
 def test_every_row_is_scored_sized_and_timed(result):
     rows = result["rows"]
-    assert list(rows) == ["fp32", *ROWS]
+    assert list(rows) == ["fp32", *ROWS, "gptq_g64_head8+compile"]
     fp32 = rows["fp32"]
     assert fp32["delta_pct"] == 0.0 and fp32["decode_speedup"] == 1.0
     assert fp32["tokens"] == 6 * 15 and fp32["seq_len"] == 16  # 6 windows, 15 predicted tokens each
@@ -64,7 +67,11 @@ def test_every_row_is_scored_sized_and_timed(result):
         "rtn_g64_head": "15/15",
         "gptq_g64_head8": "15/15",
         "bf16": "15/15 bf16",
+        "gptq_g64_head8+compile": "15/15",
     }
+    compiled, eager = rows["gptq_g64_head8+compile"], rows["gptq_g64_head8"]
+    assert compiled["perplexity"] == eager["perplexity"] and compiled["file_bytes"] == eager["file_bytes"]
+    assert compiled["label"] == "GPTQ g64 + lm_head int8 + compile" and "compile s: b1 " in compiled["note"]
     assert rows["rtn_g64_head"]["file_bytes"] < rows["int8"]["file_bytes"] < rows["fp32"]["file_bytes"]
 
 
@@ -84,7 +91,9 @@ def test_targets_are_computed_from_the_rows(result, bench):
     if share is not None:  # rtn lost perplexity: gptq's share of that loss is judged against 1/2
         assert got["gptq loses <= 1/2 of rtn's ppl loss"][1] == (share <= 0.5)
     assert got["sq calibration peak <= 1.5x fp32 model"][1] == (rows["sq"]["peak_ratio"] <= 1.5)
-    assert "rtn decode b1 >= 3x fp32" in got  # no torchao row here: nothing to be ahead of
+    assert "rtn decode b1 >= 3x fp32 eager" in got  # no torchao row here: nothing to be ahead of
+    speedup = rows["gptq_g64_head8+compile"]["decode_speedup"]
+    assert got["gptq_g64_head8+compile decode b1 >= 3x fp32 eager"][1] == (speedup >= 3.0)
 
 
 def test_quick_shortens_everything(bench):
