@@ -279,9 +279,8 @@ def compiled_entries(models: dict, prompts: torch.Tensor, args) -> tuple[dict, d
         wrapped = CompiledDecoding(models[key], args.prompt_tokens + args.new_tokens)
         log(f"{key}: compiling the decoding step")
         try:
-            with torch.inference_mode():
-                for b in (1, 8):
-                    wrapped.generate(prompt_batch(prompts, b, args.prompt_tokens), 2)
+            for b in (1, 8):  # generate runs under inference_mode and eval mode itself
+                wrapped.generate(prompt_batch(prompts, b, args.prompt_tokens), 2)
         except Exception as err:  # a row that does not compile is reported, not fatal
             notes[key + COMPILED] = f"torch.compile failed: {type(err).__name__}: {str(err)[:200]}"
             log(f"{key}: {notes[key + COMPILED]}")
@@ -315,7 +314,6 @@ def run_bench(fp32: nn.Module, test, calib: list, prompts: torch.Tensor, args) -
     keys = [k for k in ROWS if k == "fp32" or k in args.rows]  # the table's order, whatever --rows says
     torch.set_num_threads(args.threads)
     models, results = measure_rows(keys, fp32, test, calib)
-    torch.set_num_threads(args.threads)
     compiled, compile_notes = compiled_entries(models, prompts, args)
     speeds = measure_generation({**models, **compiled}, prompts, args)
     for key in compiled:  # same weights: same perplexity, file and calibration figures

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -73,11 +78,11 @@ def save_tiny_lm(folder: Path, kind: str = "llama", positions: int = 128) -> Pat
     return folder
 
 
-def uneven_norms_(model, seed: int = 1):
+def uneven_norms_(model, seed: int | None = 1):
     """Spread every RMSNorm gain over 0.2..4 in a random order, in place: the layers' inputs then have
     strong and weak channels, as trained LLMs have (with all gains 1, activation-aware methods have
-    nothing to find)."""
-    gen = torch.Generator().manual_seed(seed)
+    nothing to find). ``seed=None`` draws the orders from torch's global generator."""
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):
             n = module.weight.numel()
@@ -101,3 +106,15 @@ def tiny_run_overrides(folder: Path, text: Path, run_dir: Path, seq_len: int = 3
         "measure.generation.repeats=1",
         f"output={run_dir}",
     ]
+
+
+@contextlib.contextmanager
+def bench_script(name: str) -> Iterator[ModuleType]:
+    """``bench/NAME.py`` imported as a module, ``bench/`` on the path meanwhile (the scripts import
+    their shared helpers as ``benchlib``)."""
+    folder = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)

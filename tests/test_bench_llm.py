@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import importlib
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from slimkit.data.lm import TokenWindows
 from slimkit.recipes.lm_measure import prompt_rows
-from tests.llm_helpers import tiny_lm
+from tests.llm_helpers import bench_script, tiny_lm
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS = ["bf16", "int8", "rtn", "gptq", "sq", "rtn_g64_head", "gptq_g64_head8"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))  # the scripts import their shared helpers as ``benchlib``
-    try:
-        yield importlib.import_module("bench_llm")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    with bench_script("bench_llm") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from slimkit.data.lm import TokenWindows
 from slimkit.recipes.lm_measure import prompt_rows
-from tests.llm_helpers import tiny_lm
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.llm_helpers import bench_script, tiny_lm
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "bench"))  # the scripts import their shared helpers as ``benchlib``
-    try:
-        yield importlib.import_module("bench_llm_prune")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    with bench_script("bench_llm_prune") as module:
+        yield module
 
 
 def test_rows_are_pruned_scored_and_merged(bench, tmp_path, capsys):

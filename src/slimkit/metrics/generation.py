@@ -142,16 +142,25 @@ def prompt_batch(prompt_ids: torch.Tensor, batch_size: int, prompt_tokens: int) 
     return rows[index, :prompt_tokens].long().contiguous()
 
 
-def _time_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    # A model with its own prefill/decode (slimkit.metrics.compiled.CompiledDecoding) runs them.
-    eager = isinstance(model, nn.Module)
+class _Eager:
+    """A model decoded eagerly, behind the ``prefill``/``decode`` pair that
+    :class:`slimkit.metrics.compiled.CompiledDecoding` has too, so timing treats both alike."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def prefill(self, ids: torch.Tensor):
+        return prefill(self.model, ids)
+
+    def decode(self, token: torch.Tensor, cache: object, steps: int) -> torch.Tensor:
+        return decode(self.model, token, cache, steps)
+
+
+def _time_once(runner, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     start = time.perf_counter()
-    token, cache = prefill(model, ids) if eager else model.prefill(ids)
+    token, cache = runner.prefill(ids)
     middle = time.perf_counter()
-    if eager:
-        decode(model, token, cache, new_tokens)
-    else:
-        model.decode(token, cache, new_tokens)
+    runner.decode(token, cache, new_tokens)
     return (middle - start) * 1000.0, (time.perf_counter() - middle) * 1000.0
 
 
@@ -179,14 +188,15 @@ def compare_generation_speed(
             raise ValueError(f"{label}: must be a positive integer, got {value!r}")
     prompts = {b: prompt_batch(prompt_ids, b, prompt_tokens) for b in batch_sizes}
     times: dict[tuple[str, int], list[tuple[float, float]]] = {(n, b): [] for n in names for b in batch_sizes}
+    runners = {n: _Eager(m) if isinstance(m, nn.Module) else m for n, m in models.items()}
     with fixed_threads(threads), torch.inference_mode(), ExitStack() as stack:
-        for model in models.values():
-            stack.enter_context(eval_mode(model if isinstance(model, nn.Module) else model.model))
+        for runner in runners.values():
+            stack.enter_context(eval_mode(runner.model))
         for round_ in range(warmup + repeats):
             shift = round_ % len(names)
             for b in batch_sizes:
                 for name in names[shift:] + names[:shift]:
-                    timing = _time_once(models[name], prompts[b], new_tokens)
+                    timing = _time_once(runners[name], prompts[b], new_tokens)
                     if round_ >= warmup:
                         times[(name, b)].append(timing)
     return {

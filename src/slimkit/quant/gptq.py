@@ -51,31 +51,36 @@ def gptq_quantize(
     """
     n_out, k = weight.shape
     sparse = int(torch.count_nonzero(weight)) <= (1 - SPARSE_FRACTION) * weight.numel()
-    rows = max(1, ROW_CHUNK_BYTES // (8 * k))
-    if spec.granularity == "tensor" or n_out <= rows:  # one scale for all rows: no chunks
-        return _gptq_rows(weight, hessian, spec, damp, block_size, act_order, overwrite, sparse)
-    parts = [
-        _gptq_rows(weight[i : i + rows], hessian, spec, damp, block_size, act_order, False, sparse)
-        for i in range(0, n_out, rows)
-    ]
-    codes, scales, zeros = zip(*parts, strict=True)
-    return torch.cat(codes), torch.cat(scales), torch.cat(zeros)
-
-
-def _gptq_rows(weight, hessian, spec: QSpec, damp, block_size, act_order, overwrite, sparse: bool):
-    w = weight.detach().double().clone()
-    n_out, k = w.shape
-    keep = (weight != 0) if sparse else None
     h = hessian.double()
     if h is hessian and not overwrite:
         h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0  # inputs that are always zero: their columns do not matter
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)  # ties: storage order, everywhere
+        torch.index_select(torch.index_select(h, 0, perm), 1, perm, out=h)  # h is ours (see above)
+    hinv = inverse_hessian_factor_(h, damp)  # once: every row chunk shares it
+    rows = n_out if spec.granularity == "tensor" else max(1, ROW_CHUNK_BYTES // (8 * k))  # tensor: one scale
+    parts = [
+        _gptq_rows(weight[i : i + rows], hinv, perm, dead, spec, block_size, sparse)
+        for i in range(0, n_out, rows)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    codes, scales, zeros = zip(*parts, strict=True)
+    return torch.cat(codes), torch.cat(scales), torch.cat(zeros)
+
+
+def _gptq_rows(weight, hinv, perm, dead, spec: QSpec, block_size: int, sparse: bool):
+    """GPTQ on some of the output rows, given the (permuted, with ``perm``) inverse-Hessian factor."""
+    w = weight.detach().double().clone()
+    n_out, k = w.shape
+    keep = (weight != 0) if sparse else None
     w[:, dead] = 0.0
     group = spec.group_size if spec.granularity == "group" else None
-    if act_order:
-        return _gptq_act_order(w, h, spec, damp, block_size, group, keep)
-    hinv = inverse_hessian_factor_(h, damp)
+    if perm is not None:
+        return _gptq_act_order(w, hinv, perm, spec, block_size, group, keep)
     if group:
         block_size = max(group, block_size // group * group)  # groups never straddle blocks
     col_spec = QSpec(spec.bits, spec.symmetric, "channel", 0)
@@ -131,7 +136,13 @@ def _sweep(
 
 
 def _gptq_act_order(
-    w: torch.Tensor, h: torch.Tensor, spec: QSpec, damp: float, block_size: int, group: int | None, keep=None
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    perm: torch.Tensor,
+    spec: QSpec,
+    block_size: int,
+    group: int | None,
+    keep=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_out, k = w.shape
     col_spec = QSpec(spec.bits, spec.symmetric, "channel", 0)
@@ -143,10 +154,7 @@ def _gptq_act_order(
         zero = torch.stack([z for _, z in g_params], dim=1)
     else:
         scale, zero = qparams(*minmax(w.float(), spec), spec)
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True)  # ties: storage order, everywhere
     w = w[:, perm]
-    torch.index_select(torch.index_select(h, 0, perm), 1, perm, out=h)  # h is ours (see gptq_quantize)
-    hinv = inverse_hessian_factor_(h, damp)
 
     def params(col: int, _w1: torch.Tensor, _i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if group:  # scales fixed in advance, per original column group

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from slimkit.batch import first_output
 from slimkit.config import from_dict
 from slimkit.data.registry import DataConfig
 from slimkit.errors import BadInputError, ConfigError
@@ -35,7 +34,7 @@ from slimkit.recipes.measure import MeasureConfig
 from slimkit.recipes.runner import _start
 from slimkit.recipes.schema import Recipe
 from slimkit.recipes.steps.base import RunContext, step_type
-from slimkit.recipes.steps.export import OnnxRuntimeExport, export_example
+from slimkit.recipes.steps.export import OnnxRuntimeExport, export_example, runtime_error
 from slimkit.utils.io import atomic_path
 from slimkit.utils.quiet import quiet_libraries
 
@@ -186,7 +185,7 @@ def _export_run(run_dir: Path, options: ExportOptions) -> ExportResult:
         with atomic_path(path) as tmp:  # renamed onto ``path`` only once the check below passed
             named = tmp.parent / path.name  # in atomic_path's private folder; torch.export wants .pt2
             exported = _write(options, ctx.model, example, named)
-            max_abs, rel = _difference(*_outputs(ctx.model, exported, example))
+            max_abs, rel = runtime_error(ctx.model, exported, example)
             if not rel <= settings.tolerance:
                 raise ExportError(
                     f"{options.to}: the exported model's output differs from the PyTorch model's by "
@@ -215,20 +214,6 @@ def _write(options: ExportOptions, model: torch.nn.Module, example: dict, path: 
     export_pt2(model, example, path)
     program, names = load_pt2(path), list(example)
     return lambda **inputs: program(*(inputs[n] for n in names))
-
-
-def _outputs(model: torch.nn.Module, exported, example: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch model's output and the exported model's, on the example."""
-    with torch.no_grad():
-        return first_output(model(**example)).float(), exported(**example).float()
-
-
-def _difference(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
-    """Max abs difference and the export step's measure, relative L2 over the whole output
-    (``runtime_error``); an output of another shape is infinitely far."""
-    if out.shape != ref.shape:
-        return float("inf"), float("inf")
-    return float((out - ref).abs().max()), float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 def _samples(example: dict) -> int:

@@ -115,20 +115,21 @@ def restore_export(ctx: RunContext, cfg: ExportStep, saved: SavedModel) -> Any:
     return open_onnx(ctx.model, path, cfg.onnxruntime.threads)
 
 
-def runtime_error(model: torch.nn.Module, exported: Any, example: dict[str, torch.Tensor]) -> float:
-    """Relative L2 error of the exported model's output against ``model``'s on ``example``."""
+def runtime_error(
+    model: torch.nn.Module, exported: Any, example: dict[str, torch.Tensor]
+) -> tuple[float, float]:
+    """(max abs difference, relative L2 error) of the exported model's output against ``model``'s on
+    ``example``; ``model`` runs in eval mode and is left as it was. An output of another shape is
+    infinitely far."""
     from slimkit.batch import first_output
+    from slimkit.metrics.modes import eval_mode
 
-    modes = {m: m.training for m in model.modules()}  # compared in eval mode, left as it was
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = first_output(model(**example)).float()
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        ref = first_output(model(**example)).float()
     out = exported(**example).float()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+    if out.shape != ref.shape:
+        return float("inf"), float("inf")
+    return float((out - ref).abs().max()), float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
 @register_step(
@@ -146,7 +147,7 @@ def run_export(ctx: RunContext, cfg: ExportStep) -> StepResult:
     example = export_example(ctx, settings.example_samples)
     path = ctx.run_dir / ONNX_NAME
     model = to_onnxruntime(ctx.model, example, path, threads=settings.threads)
-    error = runtime_error(ctx.model, model, example)
+    error = runtime_error(ctx.model, model, example)[1]
     ctx.log.info(
         "export: %s, %d bytes, relative error vs PyTorch %.2e", path.name, path.stat().st_size, error
     )
