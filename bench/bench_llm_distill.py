@@ -75,9 +75,34 @@ def perplexity(model, test) -> float:
     return evaluate_perplexity(model, test)["perplexity"]
 
 
-def phase_prune(args) -> None:
+def calibration(args, tokenizer, bundle) -> list[dict]:
+    """``--calib`` windows of ``--eval-seq-len`` tokens spread over the first 80% (never the test part)."""
     from slimkit.data.lm import token_windows
-    from slimkit.prune import DepthConfig, prune_
+
+    windows = token_windows(bundle.train, tokenizer, args.eval_seq_len, split="train")
+    picks = torch.linspace(0, len(windows) - 1, args.calib).round().long().tolist()
+    return [{"input_ids": windows[i]["input_ids"][None]} for i in picks]
+
+
+def prune_config(args):
+    """Depth: ``--drop`` blocks by ``--importance``. Width: ``--ffn-ratio`` of every SwiGLU FFN's neurons
+    and ``--kv-ratio`` of every attention's key/value groups (with their query heads), by ``output``
+    energy (activation x weight) on the calibration windows."""
+    from slimkit.prune import DepthConfig, StructuredConfig
+
+    if args.mode == "depth":
+        return DepthConfig(blocks=args.drop, importance=args.importance, calibration_batches=args.calib)
+    return StructuredConfig(
+        ratio=args.ffn_ratio,
+        head_ratio=args.kv_ratio,
+        gqa="groups",
+        importance="output",
+        calibration_batches=args.calib,
+    )
+
+
+def phase_prune(args) -> None:
+    from slimkit.prune import prune_
     from slimkit.tasks import text_forward
 
     model, tokenizer = dense_model()
@@ -85,30 +110,32 @@ def phase_prune(args) -> None:
     t0 = time.perf_counter()
     dense = perplexity(model, test)
     log(f"dense: ppl {dense:.3f} ({time.perf_counter() - t0:.0f} s)")
-    calib_windows = token_windows(bundle.train, tokenizer, args.eval_seq_len, split="train")
-    picks = torch.linspace(0, len(calib_windows) - 1, args.calib).round().long().tolist()
-    calib = [{"input_ids": calib_windows[i]["input_ids"][None]} for i in picks]
+    calib = calibration(args, tokenizer, bundle)
     t0 = time.perf_counter()
-    summary = prune_(
-        model,
-        DepthConfig(blocks=args.drop, calibration_batches=args.calib),
-        calibration=calib,
-        forward=text_forward,
-    )
+    summary = prune_(model, prune_config(args), calibration=calib, forward=text_forward)
     prune_s = time.perf_counter() - t0
     pruned = perplexity(model, test)
-    log(f"pruned ({summary.details['dropped']} dropped, {prune_s:.0f} s): ppl {pruned:.3f}")
+    log(f"pruned ({args.mode}, {prune_s:.0f} s): ppl {pruned:.3f}, {summary.params_after} parameters")
     model.save_pretrained(args.state / "student")
     tokenizer.save_pretrained(args.state / "student")
     info = {
+        "mode": args.mode,
         "dense_ppl": dense,
         "pruned_ppl": pruned,
-        "dropped": summary.details["dropped"],
         "prune_s": prune_s,
         "params_dense": summary.params_before,
         "params_pruned": summary.params_after,
         "uptime": uptime(),
     }
+    if args.mode == "depth":
+        info.update(dropped=summary.details["dropped"], importance=args.importance)
+    else:
+        cfg = model.config
+        info.update(
+            intermediate_size=cfg.intermediate_size,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+        )
     _save(args.state, "prune.json", info)
 
 
@@ -205,7 +232,7 @@ def phase_eval(args) -> None:
     if args.decode:
         prompts = prompt_rows(test.ids, 8, 128)
         speeds = compare_generation_speed(
-            {"dense": dense, "depth22": student},
+            {"dense": dense, "student": student},
             prompts,
             prompt_tokens=128,
             new_tokens=64,
@@ -219,13 +246,48 @@ def phase_eval(args) -> None:
     print(json.dumps(info, indent=2))
 
 
+def phase_quant(args) -> None:
+    """The (recovered) student quantized as bench_llm's ``--quant-row`` (default GPTQ int4 g64 with an
+    int8 lm_head) on the calibration windows; its perplexity and file size; decode speed of the dense
+    model, the student and the quantized student, eager and compiled (static cache), interleaved."""
+    import tempfile
+
+    import transformers
+    from bench_llm import build_row, compiled_entries, file_bytes, measure_generation
+
+    from slimkit.recipes.lm_measure import prompt_rows
+
+    dense, tokenizer = dense_model()
+    test, bundle = held_out(args, tokenizer)
+    student = transformers.AutoModelForCausalLM.from_pretrained(args.state / "student").eval()
+    quantized, info = build_row(args.quant_row, student, calibration(args, tokenizer, bundle))
+    info = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
+    info["perplexity"] = perplexity(quantized, test)
+    with tempfile.TemporaryDirectory() as tmp:
+        info["file_bytes"], info["file_format"] = file_bytes(args.quant_row, quantized, Path(tmp))
+    log(f"{args.quant_row}: ppl {info['perplexity']:.3f}, {info['file_bytes'] / 1e6:.1f} MB")
+    models = {"dense": dense, "student": student, "quantized": quantized}
+    prompts = prompt_rows(test.ids, 8, args.prompt_tokens)
+    args.compile = ["dense", "student", "quantized"]
+    compiled, notes = compiled_entries(models, prompts, args)
+    speeds = measure_generation({**models, **compiled}, prompts, args)
+    info.update(decode=speeds, compile_notes=notes, quant_row=args.quant_row, uptime=uptime())
+    info["steps"] = _load(args.state, "train.json").get("steps", 0)
+    _save(args.state, "quant.json", info)
+    print(json.dumps(info, indent=2, default=str))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=("prune", "train", "eval"))
+    p.add_argument("phase", choices=("prune", "train", "eval", "quant"))
     p.add_argument("--state", type=Path, required=True, help="folder carried from phase to phase")
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
     p.add_argument("--drop", type=int, default=8, help="blocks to drop (of 30)")
     p.add_argument("--calib", type=int, default=32, help="calibration windows for the block scores")
+    p.add_argument("--importance", choices=("angular", "perplexity"), default="angular", help="block ranking")
+    p.add_argument("--mode", choices=("depth", "width"), default="depth", help="prune: what to remove")
+    p.add_argument("--ffn-ratio", type=float, default=0.25, help="width: share of FFN neurons removed")
+    p.add_argument("--kv-ratio", type=float, default=1 / 3, help="width: share of key/value groups removed")
     p.add_argument("--steps", type=int, default=1000, help="train: optimizer steps in this piece")
     p.add_argument("--minutes", type=float, default=0, help="train: stop this piece after so many minutes")
     p.add_argument("--total-steps", type=int, default=600, help="the cosine schedule's length")
@@ -240,6 +302,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode", action="store_true", help="eval: also time decoding (dense vs student)")
+    p.add_argument("--quant-row", default="gptq_g64_head8", help="quant: a bench_llm.py row key")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
     return p.parse_args(argv)
 
 
@@ -248,7 +314,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.state.mkdir(parents=True, exist_ok=True)
     log(f"{args.phase}: {uptime()}, {args.threads} threads")
-    {"prune": phase_prune, "train": phase_train, "eval": phase_eval}[args.phase](args)
+    {"prune": phase_prune, "train": phase_train, "eval": phase_eval, "quant": phase_quant}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -120,28 +120,137 @@ def merge(out: Path, run: dict) -> dict:
     return merged
 
 
-def print_table(merged: dict) -> None:
+COLUMNS = (
+    "row",
+    "ppl",
+    "x dense",
+    "params M",
+    "size MB",
+    "sparsity",
+    "dec b1",
+    "dec b8",
+    "b1 x",
+    "calib s",
+    "recov min",
+)
+
+
+def _cells(r: dict) -> list[str]:
+    def num(key: str, fmt: str, scale: float = 1.0) -> str:
+        return "-" if r.get(key) is None else format(r[key] * scale, fmt)
+
+    return [
+        f"{r['perplexity']:.3f}",
+        f"{r['ratio']:.3f}x",
+        num("params", ".1f", 1e-6),
+        num("file_bytes", ".1f", 1e-6),
+        num("sparsity", ".1%"),
+        num("decode_b1", ".2f"),
+        num("decode_b8", ".2f"),
+        "-" if r.get("speedup_b1") is None else f"{r['speedup_b1']:.2f}x",
+        num("calib_s", ".0f"),
+        num("recovery_min", ".1f"),
+    ]
+
+
+def print_table(merged: dict, states: list[Path] = ()) -> None:
     for setup in merged["runs"]:
         print(setup["header"] + f"\nrows: {', '.join(setup['rows'])}\n")
-    cols = ("row", "ppl", "x dense", "size MB", "sparsity", "decode b1", "decode b8", "calib s")
-    print(f"{cols[0]:16s}" + "".join(f"{c:>11s}" for c in cols[1:]))
-    for r in merged["rows"].values():
-        cells = [
-            f"{r['perplexity']:.3f}",
-            f"{r['ratio']:.3f}x",
-            f"{r['file_bytes'] / 1e6:.1f}",
-            "-" if "sparsity" not in r else f"{100 * r['sparsity']:.1f}%",
-            f"{r['decode_b1']:.2f}" if "decode_b1" in r else "-",
-            f"{r['decode_b8']:.2f}" if "decode_b8" in r else "-",
-            f"{r['calib_s']:.0f}" if "calib_s" in r else "-",
-        ]
-        print(f"{r['label']:16s}" + "".join(f"{c:>11s}" for c in cells))
-    rows = merged["rows"]
+    rows = dict(merged["rows"])
+    dense = rows.get("dense", {})
+    if dense.get("decode_b1"):
+        for r in rows.values():
+            if r.get("decode_b1"):
+                r["speedup_b1"] = r["decode_b1"] / dense["decode_b1"]
+    for state in states:
+        rows.update(state_rows(state))
+    print(f"{COLUMNS[0]:34s}" + "".join(f"{c:>10s}" for c in COLUMNS[1:]))
+    for r in rows.values():
+        print(f"{r['label'][:34]:34s}" + "".join(f"{c:>10s}" for c in _cells(r)))
     print("Targets (issue 14): 50% SparseGPT and Wanda each <= 1.35x dense perplexity, magnitude far worse")
     for key in ("wanda50", "sgpt50"):
         if key in rows:
             ratio = rows[key]["ratio"]
             print(f"  {rows[key]['label']}: {ratio:.3f}x -> {'met' if ratio <= 1.35 else 'NOT met'}")
+    for line in state_targets(rows):
+        print(line)
+
+
+def state_targets(rows: dict) -> list[str]:
+    """The depth and pruned + int4 targets, for the rows present."""
+    out = []
+    rec = rows.get("depth_recovered")
+    if rec:
+        ok = rec["ratio"] <= 1.15 and rec.get("speedup_b1", 0) >= 1.3 and rec.get("recovery_min", 99) <= 60
+        out.append(
+            f"  22 blocks after <= 60 min recovery: ppl {rec['ratio']:.3f}x (<= 1.15x), decode b1 "
+            f"{rec.get('speedup_b1', 0):.2f}x (>= 1.3x), {rec.get('recovery_min', 0):.0f} min -> "
+            f"{'met' if ok else 'NOT met'}"
+        )
+    for key in [k for k in rows if k.endswith("_quantized") or k.endswith("_quantized+compile")]:
+        r = rows[key]
+        ok = r["ratio"] <= 1.25 and r.get("speedup_b1", 0) >= 4
+        out.append(
+            f"  {key}: decode b1 {r.get('speedup_b1', 0):.2f}x dense fp32 eager (>= 4x), ppl "
+            f"{r['ratio']:.3f}x (<= 1.25x) -> {'met' if ok else 'NOT met'}"
+        )
+    return out
+
+
+def _speed(decode: dict, name: str, batch: int) -> float | None:
+    by_batch = decode.get(name, {})
+    entry = by_batch.get(str(batch), by_batch.get(batch))
+    return None if entry is None else entry["decode_tokens_per_s"]
+
+
+def _decode_cells(decode: dict, name: str) -> dict:
+    """Decode b1/b8 of ``name`` and its b1 ratio to the dense fp32 eager row of the same run."""
+    b1, b8, dense = _speed(decode, name, 1), _speed(decode, name, 8), _speed(decode, "dense", 1)
+    out = {} if b1 is None else {"decode_b1": b1, "decode_b8": b8}
+    if b1 is not None and dense:
+        out["speedup_b1"] = b1 / dense
+    return out
+
+
+def state_rows(state: Path) -> dict[str, dict]:
+    """Rows of one ``bench_llm_distill.py`` state folder: pruned, recovered, quantized (those run)."""
+    load = lambda name: json.loads((state / name).read_text()) if (state / name).is_file() else {}  # noqa: E731
+    prune, train, ev, quant = load("prune.json"), load("train.json"), load("eval.json"), load("quant.json")
+    if not prune:
+        return {}
+    mode, dense = prune.get("mode", "depth"), prune["dense_ppl"]
+    what = (
+        f"{len(prune['dropped'])} blocks dropped"
+        if mode == "depth"
+        else f"FFN {prune['intermediate_size']}, KV heads {prune['num_key_value_heads']}"
+    )
+    size = sum(f.stat().st_size for f in (state / "student").glob("*.safetensors"))
+    base = {"params": prune["params_pruned"], "calib_s": prune["prune_s"], "file_bytes": size}
+    rows = {f"{mode}_pruned": {"label": f"{mode}: {what}", "perplexity": prune["pruned_ppl"], **base}}
+    minutes = sum(p["wall_s"] for p in train.get("pieces", [])) / 60
+    if ev.get("recovered_ppl") is not None:
+        rows[f"{mode}_recovered"] = {
+            "label": f"  recovered, {ev['steps']} steps",
+            "perplexity": ev["recovered_ppl"],
+            "recovery_min": minutes,
+            **base,
+            **_decode_cells(ev.get("decode", {}), "student"),
+        }
+    if quant:
+        for name, label in (
+            ("quantized", "  + GPTQ int4 g64, int8 head"),
+            ("quantized+compile", "    + compile"),
+        ):
+            rows[f"{mode}_{name}"] = {
+                "label": label,
+                "perplexity": quant["perplexity"],
+                "file_bytes": quant["file_bytes"],
+                "calib_s": quant["calib_s"],
+                **_decode_cells(quant["decode"], name),
+            }
+    for r in rows.values():
+        r["ratio"] = r["perplexity"] / dense
+    return rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,6 +259,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="*", choices=list(PRUNE_ROWS), default=[], help="dense always runs")
     p.add_argument("--generation", action="store_true", help="time decoding: dense and the first row")
     p.add_argument("--report", action="store_true", help="print the merged table of --out and stop")
+    p.add_argument(
+        "--states",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="--report: bench_llm_distill.py state folders to add",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=8)
@@ -164,7 +280,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.report:
-        print_table(json.loads(args.out.read_text()))
+        print_table(json.loads(args.out.read_text()), args.states)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from slimkit.models.causal_lm import load_causal_lm
