@@ -268,7 +268,7 @@ def phase_quant(args) -> None:
     log(f"{args.quant_row}: ppl {info['perplexity']:.3f}, {info['file_bytes'] / 1e6:.1f} MB")
     models = {"dense": dense, "student": student, "quantized": quantized}
     prompts = prompt_rows(test.ids, 8, args.prompt_tokens)
-    args.compile = ["dense", "student", "quantized"]
+    args.compile = ["dense", "student", "quantized"] if args.compile_decode else []
     compiled, notes = compiled_entries(models, prompts, args)
     speeds = measure_generation({**models, **compiled}, prompts, args)
     info.update(decode=speeds, compile_notes=notes, quant_row=args.quant_row, uptime=uptime())
@@ -306,6 +306,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--compile-decode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quant: also decode every model through a static cache and a torch.compile'd step",
+    )
     return p.parse_args(argv)
 
 
