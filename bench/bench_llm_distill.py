@@ -149,6 +149,11 @@ def phase_train(args) -> None:
     teacher, tokenizer = dense_model()
     student = transformers.AutoModelForCausalLM.from_pretrained(args.state / "student")
     data, sizes = train_windows(args, tokenizer)
+    if args.total_steps * args.batch < len(data):  # a shorter recovery: a fixed random subset, one epoch
+        from torch.utils.data import Subset
+
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+        data = Subset(data, order[: args.total_steps * args.batch].tolist())
     per_epoch = math.ceil(len(data) / args.batch)
     done = _load(args.state, "train.json").get("steps", 0)
     cfg = TrainConfig(

@@ -163,7 +163,10 @@ def print_table(merged: dict, states: list[Path] = ()) -> None:
             if r.get("decode_b1"):
                 r["speedup_b1"] = r["decode_b1"] / dense["decode_b1"]
     for state in states:
-        rows.update(state_rows(state))
+        extra = state_rows(state)
+        if "dense" in rows and extra:
+            rows["dense"] = {**rows["dense"], "params": next(iter(extra.values()))["params_dense"]}
+        rows.update(extra)
     print(f"{COLUMNS[0]:34s}" + "".join(f"{c:>10s}" for c in COLUMNS[1:]))
     for r in rows.values():
         print(f"{r['label'][:34]:34s}" + "".join(f"{c:>10s}" for c in _cells(r)))
@@ -212,44 +215,54 @@ def _decode_cells(decode: dict, name: str) -> dict:
     return out
 
 
+def _quant_rows(mode: str, quant: dict) -> dict[str, dict]:
+    labels = {"quantized": "  + GPTQ int4 g64, int8 head", "quantized+compile": "    + compile"}
+    return {
+        f"{mode}_{name}": {
+            "label": label,
+            "perplexity": quant["perplexity"],
+            "file_bytes": quant["file_bytes"],
+            "calib_s": quant["calib_s"],
+            **_decode_cells(quant["decode"], name),
+        }
+        for name, label in labels.items()
+    }
+
+
 def state_rows(state: Path) -> dict[str, dict]:
     """Rows of one ``bench_llm_distill.py`` state folder: pruned, recovered, quantized (those run)."""
     load = lambda name: json.loads((state / name).read_text()) if (state / name).is_file() else {}  # noqa: E731
     prune, train, ev, quant = load("prune.json"), load("train.json"), load("eval.json"), load("quant.json")
     if not prune:
         return {}
-    mode, dense = prune.get("mode", "depth"), prune["dense_ppl"]
+    mode = prune.get("mode", "depth")
     what = (
         f"{len(prune['dropped'])} blocks dropped"
         if mode == "depth"
         else f"FFN {prune['intermediate_size']}, KV heads {prune['num_key_value_heads']}"
     )
     size = sum(f.stat().st_size for f in (state / "student").glob("*.safetensors"))
-    base = {"params": prune["params_pruned"], "calib_s": prune["prune_s"], "file_bytes": size}
-    rows = {f"{mode}_pruned": {"label": f"{mode}: {what}", "perplexity": prune["pruned_ppl"], **base}}
-    minutes = sum(p["wall_s"] for p in train.get("pieces", [])) / 60
+    base = {"params": prune["params_pruned"], "params_dense": prune["params_dense"], "file_bytes": size}
+    rows = {
+        f"{mode}_pruned": {
+            "label": f"{mode}: {what}", "perplexity": prune["pruned_ppl"], "calib_s": prune["prune_s"], **base
+        }
+    }  # fmt: skip
     if ev.get("recovered_ppl") is not None:
+        minutes = sum(p["wall_s"] for p in train.get("pieces", [])) / 60
+        recovered = {"perplexity": ev["recovered_ppl"], "recovery_min": minutes, **base}
         rows[f"{mode}_recovered"] = {
             "label": f"  recovered, {ev['steps']} steps",
-            "perplexity": ev["recovered_ppl"],
-            "recovery_min": minutes,
-            **base,
-            **_decode_cells(ev.get("decode", {}), "student"),
+            **recovered,
+            **_decode_cells(ev.get("decode") or quant.get("decode", {}), "student"),
         }
+        compiled = _decode_cells(quant.get("decode", {}), "student+compile")
+        if compiled:
+            rows[f"{mode}_recovered+compile"] = {"label": "    + compile", **recovered, **compiled}
     if quant:
-        for name, label in (
-            ("quantized", "  + GPTQ int4 g64, int8 head"),
-            ("quantized+compile", "    + compile"),
-        ):
-            rows[f"{mode}_{name}"] = {
-                "label": label,
-                "perplexity": quant["perplexity"],
-                "file_bytes": quant["file_bytes"],
-                "calib_s": quant["calib_s"],
-                **_decode_cells(quant["decode"], name),
-            }
+        rows.update(_quant_rows(mode, quant))
     for r in rows.values():
-        r["ratio"] = r["perplexity"] / dense
+        r["ratio"] = r["perplexity"] / prune["dense_ppl"]
     return rows
 
 
