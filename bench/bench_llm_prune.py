@@ -215,12 +215,13 @@ def _decode_cells(decode: dict, name: str) -> dict:
     return out
 
 
-def _quant_rows(mode: str, quant: dict) -> dict[str, dict]:
+def _quant_rows(mode: str, quant: dict, params: int) -> dict[str, dict]:
     labels = {"quantized": "  + GPTQ int4 g64, int8 head", "quantized+compile": "    + compile"}
     return {
         f"{mode}_{name}": {
             "label": label,
             "perplexity": quant["perplexity"],
+            "params": params,
             "file_bytes": quant["file_bytes"],
             "calib_s": quant["calib_s"],
             **_decode_cells(quant["decode"], name),
@@ -260,7 +261,7 @@ def state_rows(state: Path) -> dict[str, dict]:
         if compiled:
             rows[f"{mode}_recovered+compile"] = {"label": "    + compile", **recovered, **compiled}
     if quant:
-        rows.update(_quant_rows(mode, quant))
+        rows.update(_quant_rows(mode, quant, prune["params_pruned"]))
     for r in rows.values():
         r["ratio"] = r["perplexity"] / prune["dense_ppl"]
     return rows
