@@ -32,7 +32,8 @@ import torch
 from benchlib import log, uptime
 
 
-def _load(state: Path, name: str) -> dict:
+def read_state(state: Path, name: str) -> dict:
+    """A JSON file of the state folder, ``{}`` while its phase has not run."""
     file = state / name
     return json.loads(file.read_text()) if file.is_file() else {}
 
@@ -155,7 +156,7 @@ def phase_train(args) -> None:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
         data = Subset(data, order[: args.total_steps * args.batch].tolist())
     per_epoch = math.ceil(len(data) / args.batch)
-    done = _load(args.state, "train.json").get("steps", 0)
+    done = read_state(args.state, "train.json").get("steps", 0)
     cfg = TrainConfig(
         epochs=max(1, math.ceil(args.total_steps / per_epoch)),
         batch_size=args.batch,
@@ -200,7 +201,7 @@ def phase_train(args) -> None:
     steps = trainer.global_step - done
     rate = steps * args.batch * args.seq_len / wall
     log(f"{steps} steps in {wall:.0f} s: {rate:.1f} train tokens/s ({wall / max(steps, 1):.1f} s/step)")
-    history = _load(args.state, "train.json")
+    history = read_state(args.state, "train.json")
     pieces = history.get("pieces", []) + [
         {"steps": steps, "wall_s": wall, "tokens_per_s": rate, "last_terms": kd.terms, "uptime": uptime()}
     ]
@@ -223,29 +224,20 @@ def phase_train(args) -> None:
 
 def phase_eval(args) -> None:
     import transformers
+    from bench_llm import measure_generation
 
-    from slimkit.metrics.generation import compare_generation_speed
     from slimkit.recipes.lm_measure import prompt_rows
 
     dense, tokenizer = dense_model()
     test, _ = held_out(args, tokenizer)
     student = transformers.AutoModelForCausalLM.from_pretrained(args.state / "student").eval()
     recovered = perplexity(student, test)
-    info = {**_load(args.state, "prune.json"), "recovered_ppl": recovered}
-    info["steps"] = _load(args.state, "train.json").get("steps", 0)
+    info = {**read_state(args.state, "prune.json"), "recovered_ppl": recovered}
+    info["steps"] = read_state(args.state, "train.json").get("steps", 0)
     log(f"recovered after {info['steps']} steps: ppl {recovered:.3f} (dense {info.get('dense_ppl')})")
     if args.decode:
-        prompts = prompt_rows(test.ids, 8, 128)
-        speeds = compare_generation_speed(
-            {"dense": dense, "student": student},
-            prompts,
-            prompt_tokens=128,
-            new_tokens=64,
-            batch_sizes=(1, 8),
-            repeats=3,
-            threads=args.threads,
-        )
-        info["decode"] = {k: {b: s.to_dict() for b, s in v.items()} for k, v in speeds.items()}
+        prompts = prompt_rows(test.ids, 8, args.prompt_tokens)
+        info["decode"] = measure_generation({"dense": dense, "student": student}, prompts, args)
     info["uptime"] = uptime()
     _save(args.state, "eval.json", info)
     print(json.dumps(info, indent=2))
@@ -277,7 +269,7 @@ def phase_quant(args) -> None:
     compiled, notes = compiled_entries(models, prompts, args)
     speeds = measure_generation({**models, **compiled}, prompts, args)
     info.update(decode=speeds, compile_notes=notes, quant_row=args.quant_row, uptime=uptime())
-    info["steps"] = _load(args.state, "train.json").get("steps", 0)
+    info["steps"] = read_state(args.state, "train.json").get("steps", 0)
     _save(args.state, "quant.json", info)
     print(json.dumps(info, indent=2, default=str))
 

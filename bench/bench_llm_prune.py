@@ -156,12 +156,11 @@ def _cells(r: dict) -> list[str]:
 def print_table(merged: dict, states: list[Path] = ()) -> None:
     for setup in merged["runs"]:
         print(setup["header"] + f"\nrows: {', '.join(setup['rows'])}\n")
-    rows = dict(merged["rows"])
-    dense = rows.get("dense", {})
-    if dense.get("decode_b1"):
-        for r in rows.values():
-            if r.get("decode_b1"):
-                r["speedup_b1"] = r["decode_b1"] / dense["decode_b1"]
+    dense_b1 = merged["rows"].get("dense", {}).get("decode_b1")
+    rows = {  # copies: the merged rows stay as they were read
+        k: {**r, "speedup_b1": r["decode_b1"] / dense_b1} if dense_b1 and r.get("decode_b1") else dict(r)
+        for k, r in merged["rows"].items()
+    }
     for state in states:
         extra = state_rows(state)
         if "dense" in rows and extra:
@@ -201,8 +200,7 @@ def state_targets(rows: dict) -> list[str]:
 
 
 def _speed(decode: dict, name: str, batch: int) -> float | None:
-    by_batch = decode.get(name, {})
-    entry = by_batch.get(str(batch), by_batch.get(batch))
+    entry = decode.get(name, {}).get(str(batch))  # read back from JSON: batch sizes are strings
     return None if entry is None else entry["decode_tokens_per_s"]
 
 
@@ -232,8 +230,9 @@ def _quant_rows(mode: str, quant: dict, params: int) -> dict[str, dict]:
 
 def state_rows(state: Path) -> dict[str, dict]:
     """Rows of one ``bench_llm_distill.py`` state folder: pruned, recovered, quantized (those run)."""
-    load = lambda name: json.loads((state / name).read_text()) if (state / name).is_file() else {}  # noqa: E731
-    prune, train, ev, quant = load("prune.json"), load("train.json"), load("eval.json"), load("quant.json")
+    from bench_llm_distill import read_state
+
+    prune, train, ev, quant = (read_state(state, f"{n}.json") for n in ("prune", "train", "eval", "quant"))
     if not prune:
         return {}
     mode = prune.get("mode", "depth")

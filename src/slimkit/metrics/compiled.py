@@ -77,23 +77,26 @@ class CompiledDecoding:
             raise ValueError(f"{position} + {steps} positions exceed max_cache_len {self.max_cache_len}")
         batch, produced = token.shape[0], []
         cache = self._caches[batch]
-        for i in range(steps):
-            start = time.perf_counter() if batch not in self.compile_s else None  # the first step compiles
-            out = self._run(token[:, None], torch.tensor([position + i]), cache)
-            token = _next_token(out).clone()  # the graph may reuse its output buffers on the next call
-            produced.append(token)
-            if start is not None:
-                self.compile_s[batch] = time.perf_counter() - start
-        return produced
-
-    def _run(self, ids: torch.Tensor, position: torch.Tensor, cache):
         # Every (model, batch size) is one more graph of the same code (the model class's forward), and
         # dynamo stops compiling a code after `recompile_limit` graphs (8), then runs it eager without a
         # word: raise the limit, and make running past it an error rather than a silent eager step.
+        # Patched once around the loop, not per token: the loop is what decode timing measures.
         limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        with dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            for i in range(steps):
+                start = (
+                    time.perf_counter() if batch not in self.compile_s else None
+                )  # the first step compiles
+                out = self._run(token[:, None], torch.tensor([position + i]), cache)
+                token = _next_token(out).clone()  # the graph may reuse its output buffers on the next call
+                produced.append(token)
+                if start is not None:
+                    self.compile_s[batch] = time.perf_counter() - start
+        return produced
+
+    def _run(self, ids: torch.Tensor, position: torch.Tensor, cache):
         try:
-            with dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
-                return self._step(input_ids=ids, cache_position=position, **self._args(cache))
+            return self._step(input_ids=ids, cache_position=position, **self._args(cache))
         except Exception as err:  # inductor's own errors (compiler missing, unsupported op) vary widely
             if type(err).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise CompileUnavailable(f"torch.compile could not build the decoding step: {err}") from err
