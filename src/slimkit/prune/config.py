@@ -266,20 +266,33 @@ DEPTH_IMPORTANCES = ("angular", "perplexity")
 class DepthConfig:
     """Depth pruning: drop whole decoder blocks, the least important first (:mod:`slimkit.prune.depth`).
 
-    Exactly one of ``blocks`` (how many to drop) and ``ratio`` (the fraction of the blocks, rounded
-    down). ``importance``: ``angular``, ShortGPT's block influence, 1 - cos(h_in, h_out) averaged
+    Exactly one of ``blocks`` (how many to drop), ``ratio`` (the fraction of the blocks, rounded
+    down) and ``indices`` (which ones, counted from 0: no ranking, as a searched or earlier run
+    chose them). ``importance``: ``angular``, ShortGPT's block influence, 1 - cos(h_in, h_out) averaged
     over the calibration tokens (a block that barely turns the hidden state goes first); or
     ``perplexity``, the increase of the calibration loss when that block alone is skipped.
     """
 
     blocks: int | None = None
     ratio: float | None = None
+    indices: list[int] | None = None
     importance: str = "angular"
     calibration_batches: int = 8
 
     def __post_init__(self) -> None:
-        given = [n for n in ("blocks", "ratio") if getattr(self, n) is not None]
-        require(len(given) == 1, "blocks", f"set exactly one of blocks, ratio (got {given or 'none'})")
+        given = [n for n in ("blocks", "ratio", "indices") if getattr(self, n) is not None]
+        require(
+            len(given) == 1, "blocks", f"set exactly one of blocks, ratio, indices (got {given or 'none'})"
+        )
+        if self.indices is not None:
+            require(
+                isinstance(self.indices, list)
+                and bool(self.indices)
+                and all(type(i) is int and i >= 0 for i in self.indices)
+                and len(set(self.indices)) == len(self.indices),
+                "indices",
+                f"must be a non-empty list of distinct block numbers >= 0, got {self.indices!r}",
+            )
         if self.blocks is not None:
             positive_int(self.blocks, "blocks")
         if self.ratio is not None:
@@ -289,4 +302,6 @@ class DepthConfig:
 
     def dropped(self, blocks: int) -> int:
         """How many of ``blocks`` blocks go."""
+        if self.indices is not None:
+            return len(self.indices)
         return self.blocks if self.blocks is not None else int(self.ratio * blocks + 1e-9)

@@ -154,6 +154,19 @@ def _batches(calibration: Iterable | None, example: Any, limit: int) -> list:
     return batches
 
 
+def _scores(model, blocks, config, calibration, example_inputs, forward, loss_fn) -> torch.Tensor:
+    """One importance per block (lowest goes first)."""
+    if config.importance == "perplexity" and loss_fn is None and not is_causal_lm(model):
+        raise ConfigError(
+            "importance", f"perplexity needs a causal LM or a loss_fn; {type(model).__name__} is not"
+        )
+    batches = _batches(calibration, example_inputs, config.calibration_batches)
+    forward = forward or default_forward
+    if config.importance == "angular":
+        return angular_scores(model, blocks, batches, forward)
+    return perplexity_scores(model, blocks, batches, forward, loss_fn)
+
+
 @register_method(DepthConfig)
 def prune_depth_(
     model: nn.Module,
@@ -170,29 +183,24 @@ def prune_depth_(
     n = len(blocks)
     drop = config.dropped(n)
     if drop >= n:
-        field = "blocks" if config.blocks is not None else "ratio"
+        field = next(f for f in ("blocks", "ratio", "indices") if getattr(config, f) is not None)
         raise ConfigError(
             field, f"would drop {drop} of the {n} blocks of {list_name}: at least one must stay"
         )
-    if config.importance == "perplexity" and loss_fn is None and not is_causal_lm(model):
-        raise ConfigError(
-            "importance", f"perplexity needs a causal LM or a loss_fn; {type(model).__name__} is not"
-        )
-    batches = _batches(calibration, example_inputs, config.calibration_batches)
-    forward = forward or default_forward
-    if config.importance == "angular":
-        scores = angular_scores(model, blocks, batches, forward)
+    if config.indices is not None:
+        if max(config.indices) >= n:
+            raise ConfigError("indices", f"{list_name} has blocks 0..{n - 1}, not {max(config.indices)}")
+        scores, dropped = torch.zeros(0), sorted(config.indices)
     else:
-        scores = perplexity_scores(model, blocks, batches, forward, loss_fn)
-    order = torch.argsort(scores, stable=True).tolist()
-    dropped = sorted(order[:drop])
+        scores = _scores(model, blocks, config, calibration, example_inputs, forward, loss_fn)
+        dropped = sorted(torch.argsort(scores, stable=True).tolist()[:drop])
     summary = PruneSummary(method="depth", params_before=count_parameters(model))
     drop_blocks_(model, list_name, [i for i in range(n) if i not in dropped])
     summary.params_after = count_parameters(model)
     summary.groups = [{"name": list_name, "kind": "blocks", "before": n, "after": n - drop}]
     summary.config = {"num_hidden_layers": n - drop} if text_config(model) is not None else {}
     summary.details = {
-        "importance": config.importance,
+        "importance": config.importance if config.indices is None else "given",
         "scores": [round(float(s), 6) for s in scores],
         "dropped": dropped,
     }

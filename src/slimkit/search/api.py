@@ -18,18 +18,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from slimkit.data.base import DataBundle
 from slimkit.errors import ConfigError
 from slimkit.metrics.model import count_macs
+from slimkit.metrics.modes import eval_mode
 from slimkit.metrics.speed import compare_latency, fixed_threads
 from slimkit.search import signals as sig
 from slimkit.search import strategy
 from slimkit.search.config import SearchConfig
 from slimkit.search.log import CandidateLog, fingerprint
 from slimkit.search.result import OBJECTIVE_FIGURE, Evaluation, SearchResult
-from slimkit.search.space import Candidate, prunable_groups, selected
+from slimkit.search.space import Candidate, block_count, prunable_groups, selected
 from slimkit.search.state import OnCandidate, Search
 from slimkit.tasks import TaskAdapter
 
@@ -70,6 +72,7 @@ def _run(model, task, data, config, state_dir, threads, on_candidate) -> SearchR
     s.evaluate(Candidate(), "baseline")
     s.baseline = s.evaluations[0]
     strategy.greedy(s)
+    strategy.uniform(s)
     strategy.refine(s)
     strategy.recover(s)
     return _result(s, threads, time.perf_counter() - started)
@@ -89,6 +92,12 @@ def _check_inputs(s: Search) -> None:
             f"the model as it is scores {s.task.metric} {metric:.4f} on the validation split, "
             f"{side} the floor {s.floor:.4f} ({cfg.floor.describe()}): no candidate could be chosen",
         )
+    try:
+        with eval_mode(s.model), torch.no_grad():
+            s.task.call(s.model, s.example)
+    except Exception as err:
+        field = "example_tokens" if cfg.example_tokens is not None else "objective"
+        raise ConfigError(field, f"the model cannot run on its example batch ({err})") from None
     if cfg.objective == "macs":
         try:
             count_macs(s.model, s.example)
@@ -107,7 +116,14 @@ def _check_inputs(s: Search) -> None:
     s.layer_names = layers  # all timed (pruning shrinks them too); lowered only with a precision
     s.units.layers = {n: [] for n in layers} if cfg.space.levels_precision else {}
     s.units.groups = prunable_groups(s.model, s.example, s.task, cfg)
-    if not (s.units.layers or s.units.groups or cfg.space.sparsity_levels):
+    s.units.blocks = block_count(s.model) if cfg.space.block_levels else 0
+    if cfg.space.block_levels and not s.units.block_levels(cfg):
+        raise ConfigError(
+            "space.blocks",
+            f"{type(s.model).__name__} has {s.units.blocks} blocks to drop from: "
+            f"dropping {cfg.space.block_levels} would leave none",
+        )
+    if not (s.units.layers or s.units.groups or s.units.blocks or cfg.space.sparsity_levels):
         raise ConfigError(
             "space",
             f"nothing in {type(s.model).__name__} can change: no Linear/Conv2d layer matches "
@@ -175,7 +191,7 @@ def _result(s: Search, threads: int, seconds: float) -> SearchResult:
     else:
         tried = [e for e in s.evaluations if not e.candidate.is_baseline] or [base]
         chosen = min(tried, key=lambda e: (s.shortfall(e), e.objective, e.key))
-    model, _ = s.builder.build(s.model, chosen.candidate)
+    model, notes = s.builder.build(s.model, chosen.candidate)
     result = SearchResult(
         s.task.metric,
         s.higher_is_better,
@@ -187,7 +203,7 @@ def _result(s: Search, threads: int, seconds: float) -> SearchResult:
         chosen,
         met,
         model,
-        s.builder.steps(chosen.candidate),
+        notes["steps"],
         s.signals,
         resumed=s.resumed,
     )

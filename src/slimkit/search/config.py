@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slimkit.config import in_range, non_negative, one_of, positive, positive_int, require
+from slimkit.prune.config import DEPTH_IMPORTANCES
 from slimkit.prune.importance import importance_class
 
 OBJECTIVES = ("latency", "size", "macs")
-PRECISIONS = ("fp32", "bf16", "int8", "int4")  # in order of falling weight bytes
+# In order of falling weight bytes; ``codebook`` (shared weights, 2**codebook_bits values per layer,
+# entropy-coded on disk) shrinks files, not time: its layers gather their weights and run the float op.
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "codebook")
 INT8_METHODS = ("auto", "int8_static", "int8_dynamic")
 
 
@@ -91,9 +94,11 @@ class RecoveryConfig:
     distill: bool = True
     temperature: float = 4.0
     alpha: float = 0.9
+    time_share: float = 0.5  # with a budget in minutes: the share kept for recovery training
 
     def __post_init__(self):
         require(isinstance(self.enabled, bool), "enabled", "must be true or false")
+        in_range(self.time_share, "time_share", 0.0, 1.0, hi_open=True)
         require(isinstance(self.distill, bool), "distill", "must be true or false")
         positive_int(self.top_k, "top_k")
         positive_int(self.epochs, "epochs")
@@ -109,8 +114,11 @@ class SpaceConfig:
 
     ``precision``: the per-layer precisions allowed besides fp32 (Linear and Conv2d layers;
     ``int4`` is weight-only, Linear only, in groups of ``int4_group_size``; ``int8`` runs on
-    ``int8_method``, ``auto`` picks the faster of static and dynamic on this machine).
+    ``int8_method``, ``auto`` picks the faster of static and dynamic on this machine;
+    ``codebook`` shares ``2**codebook_bits`` weight values per layer, for the smallest files).
     ``prune_ratios``: structured pruning ratios tried per channel/head group (0 = unpruned).
+    ``blocks``: how many whole blocks (transformer layers) may be dropped, ranked by
+    ``depth_importance`` (``perplexity``: the task's calibration loss with the block skipped).
     ``sparsity``: unstructured magnitude sparsity levels (one level for the whole model).
     ``include``/``exclude``: layer-name patterns limiting which layers and groups may change.
     """
@@ -120,6 +128,9 @@ class SpaceConfig:
     int4_group_size: int = 32
     prune_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     importance: str = "l2"
+    blocks: list[int] = field(default_factory=list)
+    depth_importance: str = "perplexity"
+    codebook_bits: int = 5
     sparsity: list[float] = field(default_factory=list)
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
@@ -142,10 +153,19 @@ class SpaceConfig:
             for i, p in enumerate(patterns):
                 require(isinstance(p, str) and p != "", f"{name}[{i}]", "must be a non-empty pattern")
         importance_class(self.importance)  # the prune table is the one list of criteria
+        require(isinstance(self.blocks, list), "blocks", "must be a list of block counts")
+        for i, b in enumerate(self.blocks):
+            require(type(b) is int and b >= 0, f"blocks[{i}]", f"must be a whole number >= 0, got {b!r}")
+        one_of(self.depth_importance, "depth_importance", DEPTH_IMPORTANCES)
         require(
-            bool(self.levels_precision or self.prune_levels or self.sparsity_levels),
+            type(self.codebook_bits) is int and 2 <= self.codebook_bits <= 8,
+            "codebook_bits",
+            f"must be an integer from 2 to 8, got {self.codebook_bits!r}",
+        )
+        require(
+            bool(self.levels_precision or self.prune_levels or self.sparsity_levels or self.block_levels),
             "precision",
-            "the space is empty: allow a precision below fp32, a prune ratio above 0 or a sparsity above 0",
+            "the space is empty: allow a precision below fp32, a prune ratio, a block count or a sparsity above 0",
         )
 
     @property
@@ -158,6 +178,10 @@ class SpaceConfig:
         return sorted({float(r) for r in self.prune_ratios if r > 0})
 
     @property
+    def block_levels(self) -> list[int]:
+        return sorted({int(b) for b in self.blocks if b > 0})
+
+    @property
     def sparsity_levels(self) -> list[float]:
         return sorted({float(s) for s in self.sparsity if s > 0})
 
@@ -166,7 +190,9 @@ class SpaceConfig:
 class SearchConfig:
     """A search: ``floor`` on the validation metric, ``objective`` to minimise, ``budget``, ``seed``
     and ``space``. ``calibration_samples``: train rows for quantization calibration and the
-    sensitivity signals."""
+    sensitivity signals. Latency and MACs are measured on one batch of ``example_size`` train rows;
+    for text, ``example_tokens`` makes every sequence of it that long (its own tokens repeated, no
+    padding), so the objective is the cost of full-length inputs rather than of short sentences."""
 
     floor: FloorConfig
     objective: str = "latency"
@@ -174,8 +200,13 @@ class SearchConfig:
     seed: int = 0
     space: SpaceConfig = field(default_factory=SpaceConfig)
     calibration_samples: int = 256
+    example_size: int = 64
+    example_tokens: int | None = None
 
     def __post_init__(self):
+        positive_int(self.example_size, "example_size")
+        if self.example_tokens is not None:
+            positive_int(self.example_tokens, "example_tokens")
         require(isinstance(self.floor, FloorConfig), "floor", "must be a floor mapping (value/within)")
         one_of(self.objective, "objective", OBJECTIVES)
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "must be an integer")

@@ -5,7 +5,8 @@
   ``quantize_`` inside a one-layer wrapper, calibrated on the layer's own calibration inputs), all
   interleaved in one :func:`compare_latency` round. A model's latency is then predicted as the
   time outside these layers (end-to-end fp32 minus the fp32 layers) plus each layer's time at its
-  precision, scaled by the share of its weights that structured pruning kept. The prediction is
+  precision, scaled by the share of its weights that structured pruning kept (the time outside
+  shrinks in proportion to the layers' fp32 time kept; a dropped block's layers count 0). The prediction is
   checked once against an end-to-end measurement (``proxy_check``), and the search reports it.
 - **Sensitivities**: the relative output error ``||y' - y||^2 / ||y||^2`` on calibration batches
   when one unit alone is changed (one layer lowered, one group pruned, the sparsity level), with
@@ -31,7 +32,7 @@ from slimkit.metrics.modes import eval_mode
 from slimkit.metrics.speed import compare_latency
 from slimkit.quant import quantize_
 from slimkit.quant.sensitivity import relative_error  # the measure mixed precision ranks layers by
-from slimkit.search.space import Candidate, method_config
+from slimkit.search.space import Candidate, method_config, renamer
 from slimkit.tasks import TaskAdapter
 
 CAPTURE_BATCHES = 4  # calibration batches whose outputs (and layer inputs) the sensitivities use
@@ -57,15 +58,18 @@ class Signals:
 
     def predict_ms(self, model: nn.Module, precision: dict[str, str]) -> float:
         """Predicted latency of ``model`` (a built candidate) whose layers run at ``precision``."""
-        modules = dict(model.named_modules())
-        total = self.outside_ms
+        modules, rename = dict(model.named_modules()), renamer(model)
+        total, kept_fp32, all_fp32 = 0.0, 0.0, 0.0
         for layer, times in self.layer_ms.items():
-            if layer not in modules:
-                continue
-            total += times[precision.get(layer, "fp32")] * _kept_share(
-                modules[layer], self.layer_shape[layer]
-            )
-        return total
+            all_fp32 += times["fp32"]
+            if rename(layer) not in modules:
+                continue  # its block was dropped
+            share = _kept_share(modules[rename(layer)], self.layer_shape[layer])
+            total += times[precision.get(layer, "fp32")] * share
+            kept_fp32 += times["fp32"] * share
+        # The ops between the layers (activations, attention scores, norms, pooling) work on the
+        # layers' outputs: they shrink with them, as a pruned or dropped block's do.
+        return total + self.outside_ms * (kept_fp32 / all_fp32 if all_fp32 > 0 else 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

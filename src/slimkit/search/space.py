@@ -2,13 +2,16 @@
 
 A :class:`Candidate` says, per unit, how far it is compressed: a precision per layer (layers not
 named stay fp32), a structured-pruning ratio per channel/head group (named by the group's first
-producer layer, the pattern ``StructuredConfig.ratios`` takes), one unstructured sparsity and
-whether it gets recovery training. Its :meth:`~Candidate.key` is canonical (sorted, rounded), so
+producer layer, the pattern ``StructuredConfig.ratios`` takes), how many whole blocks go, one
+unstructured sparsity and whether it gets recovery training. Layers are always named as in the
+model the search started from; :func:`renamer` maps those names onto a model whose blocks were
+dropped (the block list is renumbered). Its :meth:`~Candidate.key` is canonical (sorted, rounded), so
 the same candidate found twice, or found again after a restart, is evaluated once.
 
 :func:`build` makes the candidate from a deep copy (the model given is never changed), in a fixed
-order: structured pruning, unstructured sparsity, recovery training (masks kept), quantization.
-:func:`steps` lists the same actions as technique configs, which a recipe writes as its steps.
+order: structured pruning, dropped blocks, unstructured sparsity, recovery training (masks kept),
+quantization; it also returns the same actions as technique configs, as they were applied (the
+blocks that went by number, layers by their new names), which a recipe writes as its steps.
 """
 
 from __future__ import annotations
@@ -23,8 +26,17 @@ from typing import Any
 from torch import nn
 
 from slimkit.distill import DistillConfig, distill_
-from slimkit.prune import MagnitudeConfig, StructuredConfig, analyze, finalize_, prune_
-from slimkit.quant import BF16Config, Int8DynamicConfig, Int8StaticConfig, WeightOnlyConfig, quantize_
+from slimkit.models.blocks import find_layer_list
+from slimkit.prune import DepthConfig, MagnitudeConfig, StructuredConfig, analyze, finalize_, prune_
+from slimkit.prune.depth import kept_blocks
+from slimkit.quant import (
+    BF16Config,
+    CodebookConfig,
+    Int8DynamicConfig,
+    Int8StaticConfig,
+    WeightOnlyConfig,
+    quantize_,
+)
 from slimkit.search.config import PRECISIONS, SearchConfig
 from slimkit.tasks import TaskAdapter
 from slimkit.train import TrainConfig, Trainer
@@ -38,57 +50,63 @@ class Candidate:
     prune: tuple[tuple[str, float], ...] = ()  # (group, ratio) for groups pruned
     sparsity: float = 0.0
     recover: bool = False
+    blocks: int = 0  # whole blocks dropped
 
     @classmethod
-    def make(cls, precision=None, prune=None, sparsity=0.0, recover=False) -> Candidate:
+    def make(cls, precision=None, prune=None, sparsity=0.0, recover=False, blocks=0) -> Candidate:
         """The canonical form: fp32 layers and ratio-0 groups left out, sorted, ratios rounded."""
         prec = tuple(sorted((k, v) for k, v in (precision or {}).items() if v != "fp32"))
         ratios = tuple(sorted((k, round(float(v), 6)) for k, v in (prune or {}).items() if v > 0))
-        return cls(prec, ratios, round(float(sparsity), 6), bool(recover))
+        return cls(prec, ratios, round(float(sparsity), 6), bool(recover), int(blocks))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "precision": dict(self.precision),
             "prune": dict(self.prune),
             "sparsity": self.sparsity,
             "recover": self.recover,
         }
+        return out | ({"blocks": self.blocks} if self.blocks else {})  # keys of older logs unchanged
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Candidate:
-        return cls.make(data["precision"], data["prune"], data["sparsity"], data["recover"])
+        return cls.make(
+            data["precision"], data["prune"], data["sparsity"], data["recover"], data.get("blocks", 0)
+        )
 
     def key(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @property
     def is_baseline(self) -> bool:
-        return not (self.precision or self.prune or self.sparsity or self.recover)
+        return not (self.precision or self.prune or self.sparsity or self.recover or self.blocks)
 
     @property
     def shrinks(self) -> bool:
         """Whether it removes weights (what recovery training can help)."""
-        return bool(self.prune or self.sparsity)
+        return bool(self.prune or self.sparsity or self.blocks)
 
     def setting(self, kind: str, unit: str | None) -> Any:
         if kind == "precision":
             return dict(self.precision).get(unit, "fp32")
         if kind == "prune":
             return dict(self.prune).get(unit, 0.0)
-        return self.sparsity
+        return self.blocks if kind == "blocks" else self.sparsity
 
     def with_setting(self, kind: str, unit: str | None, level: Any) -> Candidate:
-        prec, ratios, sparsity = dict(self.precision), dict(self.prune), self.sparsity
+        prec, ratios, sparsity, blocks = dict(self.precision), dict(self.prune), self.sparsity, self.blocks
         if kind == "precision":
             prec[unit] = level
         elif kind == "prune":
             ratios[unit] = level
+        elif kind == "blocks":
+            blocks = level
         else:
             sparsity = level
-        return Candidate.make(prec, ratios, sparsity, self.recover)
+        return Candidate.make(prec, ratios, sparsity, self.recover, blocks)
 
-    def with_recovery(self) -> Candidate:
-        return Candidate(self.precision, self.prune, self.sparsity, True)
+    def with_recovery(self, recover: bool = True) -> Candidate:
+        return Candidate(self.precision, self.prune, self.sparsity, recover, self.blocks)
 
     def label(self) -> str:
         """A short human description for tables."""
@@ -98,6 +116,7 @@ class Candidate:
             counts[p] = counts.get(p, 0) + 1
         parts += [f"{n} {p}" for p, n in sorted(counts.items(), key=lambda kv: PRECISIONS.index(kv[0]))]
         parts += [f"prune {g} {r:g}" for g, r in self.prune]
+        parts += [f"drop {self.blocks} block{'s' if self.blocks > 1 else ''}"] if self.blocks else []
         parts += [f"sparsity {self.sparsity:g}"] if self.sparsity else []
         parts += ["recovered"] if self.recover else []
         return ", ".join(parts) or "baseline (unchanged)"
@@ -109,6 +128,11 @@ class Units:
 
     layers: dict[str, list[str]] = field(default_factory=dict)  # layer -> allowed precisions (not fp32)
     groups: dict[str, int] = field(default_factory=dict)  # group (first producer) -> units
+    blocks: int = 0  # blocks in the model's block list (0: none found)
+
+    def block_levels(self, config: SearchConfig) -> list[int]:
+        """The block counts that leave at least one block."""
+        return [b for b in config.space.block_levels if b < self.blocks]
 
     def moves(self, config: SearchConfig) -> list[tuple[str, str | None, Any]]:
         """Every single-unit change from the baseline: ``(kind, unit, level)``, in a fixed order."""
@@ -117,6 +141,7 @@ class Units:
             out += [("precision", layer, p) for p in allowed]
         for group in sorted(self.groups):
             out += [("prune", group, r) for r in config.space.prune_levels]
+        out += [("blocks", None, b) for b in self.block_levels(config)]
         out += [("sparsity", None, s) for s in config.space.sparsity_levels]
         return out
 
@@ -126,6 +151,8 @@ class Units:
             return ["fp32", *self.layers[unit]]
         if kind == "prune":
             return [0.0, *config.space.prune_levels]
+        if kind == "blocks":
+            return [0, *self.block_levels(config)]
         return [0.0, *config.space.sparsity_levels]
 
 
@@ -157,16 +184,46 @@ def prunable_groups(
     return named
 
 
-def quant_config(candidate: Candidate, config: SearchConfig, int8_method: str) -> Any:
-    """One quantization config for every layer the candidate lowers: the first precision's method
-    over its layers, the others as per-layer overrides (one ``quantize_`` call, one recipe step)."""
+def block_count(model: nn.Module) -> int:
+    """Blocks in the model's block list (its longest ``ModuleList`` of one block type), 0 if none."""
+    try:
+        return len(find_layer_list(model)[1])
+    except Exception:  # no block list: nothing to drop
+        return 0
+
+
+def renamer(model: nn.Module) -> Callable[[str], str | None]:
+    """Maps a layer name of the model the search started from onto ``model`` (a built candidate):
+    unchanged, renumbered when blocks before it were dropped, or None when its block went."""
+    found = kept_blocks(model)
+    if found is None or not found[0]:
+        return lambda name: name
+    prefix, position = found[0] + ".", {old: new for new, old in enumerate(found[1])}
+
+    def rename(name: str) -> str | None:
+        if not name.startswith(prefix):
+            return name
+        index, dot, rest = name[len(prefix) :].partition(".")
+        new = position.get(int(index)) if index.isdigit() else None
+        return None if new is None else f"{prefix}{new}{dot}{rest}"
+
+    return rename
+
+
+def quant_config(
+    candidate: Candidate, config: SearchConfig, int8_method: str, rename: Callable = lambda n: n
+) -> Any:
+    """One quantization config for every layer the candidate lowers (named by ``rename``; layers
+    of dropped blocks left out): the first precision's method over its layers, the others as
+    per-layer overrides (one ``quantize_`` call, one recipe step)."""
     by_precision: dict[str, list[str]] = {}
     for layer, p in candidate.precision:
-        by_precision.setdefault(p, []).append(layer)
+        if rename(layer) is not None:
+            by_precision.setdefault(p, []).append(rename(layer))
     if not by_precision:
         return None
     made = {p: method_config(p, config, int8_method) for p in by_precision}
-    first = next(p for p in ("int8", "int4", "bf16") if p in by_precision)
+    first = next(p for p in PRECISIONS[1:] if p in by_precision)
     overrides = {layer: made[p] for p, layers in by_precision.items() if p != first for layer in layers}
     return method_config(first, config, int8_method, include=by_precision[first], overrides=overrides)
 
@@ -176,6 +233,8 @@ def method_config(precision: str, config: SearchConfig, int8_method: str, **kw: 
         return BF16Config(**kw)
     if precision == "int4":
         return WeightOnlyConfig(bits=4, group_size=config.space.int4_group_size, **kw)
+    if precision == "codebook":
+        return CodebookConfig(bits=config.space.codebook_bits, **kw)
     return (Int8StaticConfig if int8_method == "int8_static" else Int8DynamicConfig)(**kw)
 
 
@@ -194,20 +253,6 @@ class Builder:
     calibration: list
     config: SearchConfig
     int8_method: str = "int8_static"
-
-    def steps(self, candidate: Candidate) -> list[tuple[str, Any]]:
-        """The candidate as technique configs, in the order :func:`build` applies them."""
-        out: list[tuple[str, Any]] = []
-        if candidate.prune:
-            out.append(("structured", self.structured(candidate)))
-        if candidate.sparsity:
-            out.append(("magnitude", self.magnitude(candidate)))
-        if candidate.recover:
-            out.append(("recover", self.recovery_train()))
-        quant = quant_config(candidate, self.config, self.int8_method)
-        if quant is not None:
-            out.append(("quantize", quant))
-        return out
 
     def structured(self, candidate: Candidate) -> StructuredConfig:
         return StructuredConfig(
@@ -241,24 +286,39 @@ class Builder:
         loss = OUTPUT_LOSS.get(self.task.task, "kd")
         return DistillConfig(temperature=rec.temperature, alpha=rec.alpha, output_loss=loss)
 
+    def depth(self, candidate: Candidate) -> DepthConfig:
+        space = self.config.space
+        return DepthConfig(blocks=candidate.blocks, importance=space.depth_importance)
+
     def build(self, model: nn.Module, candidate: Candidate) -> tuple[nn.Module, dict[str, Any]]:
-        """The candidate's model (a new one) and what the techniques reported (layers kept float)."""
-        built = copy.deepcopy(model)
-        sparse, notes = None, {}
-        for kind, cfg in self.steps(candidate):
-            if kind == "structured":
-                prune_(
-                    built, cfg, calibration=self.calibration, forward=self.task.forward, loss_fn=self._loss
-                )
-            elif kind == "magnitude":
-                sparse = prune_(built, cfg)
-            elif kind == "recover":
-                self._recover(built, model, cfg, sparse)
-            else:
-                summary = quantize_(built, cfg, calibration_data=self.calibration, forward=self.task.forward)
-                notes["kept_float"] = sorted(n for n in summary.skipped if n in dict(candidate.precision))
-            if sparse is not None and (kind == "recover" or (kind == "magnitude" and not candidate.recover)):
-                finalize_(built, sparse.masks)  # the zeros are the weights now (before quantization)
+        """The candidate's model (a new one) and notes: ``steps``, the technique configs as they
+        were applied (``(kind, config)``, the blocks that went by number), and ``kept_float``, the
+        layers (original names) that the quantization method left float."""
+        built, sparse, done = copy.deepcopy(model), None, []
+        kw = {"calibration": self.calibration, "forward": self.task.forward, "loss_fn": self._loss}
+        if candidate.prune:
+            done.append(("structured", self.structured(candidate)))
+            prune_(built, done[-1][1], **kw)
+        if candidate.blocks:
+            summary = prune_(built, self.depth(candidate), **kw)
+            done.append(("depth", DepthConfig(indices=summary.details["dropped"])))
+        if candidate.sparsity:
+            done.append(("magnitude", self.magnitude(candidate)))
+            sparse = prune_(built, done[-1][1])
+        if candidate.recover:
+            done.append(("recover", self.recovery_train()))
+            self._recover(built, model, done[-1][1], sparse)
+        if sparse is not None:
+            finalize_(built, sparse.masks)  # the zeros are the weights now (before quantization)
+        notes: dict[str, Any] = {"steps": done}
+        rename = renamer(built)
+        quant = quant_config(candidate, self.config, self.int8_method, rename)
+        if quant is not None:
+            done.append(("quantize", quant))
+            summary = quantize_(built, quant, calibration_data=self.calibration, forward=self.task.forward)
+            notes["kept_float"] = sorted(
+                layer for layer, _ in candidate.precision if rename(layer) in summary.skipped
+            )
         return built.eval(), notes
 
     def _loss(self, model: nn.Module, batch: Any) -> Any:

@@ -16,12 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from slimkit.batch import batch_len
+from slimkit.errors import ConfigError
 from slimkit.metrics.model import count_macs, count_nonzero, count_parameters
 from slimkit.prune import save_pruned, save_sparse
-from slimkit.quant import save_quantized
+from slimkit.quant import save_compressed, save_quantized
 from slimkit.search import signals as sig
 from slimkit.search.result import OBJECTIVE_FIGURE, Evaluation
 from slimkit.search.space import Builder, Candidate, Units
@@ -32,14 +34,17 @@ OnCandidate = Callable[[Evaluation, "Search"], None]
 
 
 def saver_for(candidate: Candidate, kept_float: list[str] = (), model: nn.Module | None = None) -> Callable:
-    """How the candidate's model is stored (and its size measured): packed integer layers, the
-    sparse format (the candidate's sparsity, or a model that came to the search mostly zeros),
-    the pruned shapes, or plain weights."""
-    if any(layer not in kept_float for layer, _ in candidate.precision):
+    """How the candidate's model is stored (and its size measured): shared weights entropy-coded,
+    packed integer layers, the sparse format (the candidate's sparsity, or a model that came to the
+    search mostly zeros), the pruned shapes, or plain weights."""
+    lowered = {p for layer, p in candidate.precision if layer not in kept_float}
+    if "codebook" in lowered:
+        return save_compressed
+    if lowered:
         return save_quantized
     if candidate.sparsity or (model is not None and count_nonzero(model) < 0.5 * count_parameters(model)):
         return save_sparse
-    return save_pruned if candidate.prune else save_weights
+    return save_pruned if candidate.prune or candidate.blocks else save_weights
 
 
 class Search:
@@ -52,7 +57,9 @@ class Search:
         self.evaluations: list[Evaluation] = []
         self.seen: set[str] = set()
         self.spent_s, self.used, self.resumed = 0.0, 0, 0
-        self.example = task.example_batch(data.train, 64)
+        self.example = task.example_batch(data.train, config.example_size)
+        if config.example_tokens is not None:
+            self.example = full_length(self.example, config.example_tokens)
         self.builder = Builder(task, data.train, self._calibration(), config)
         self.units = Units()
         self.layer_names: list[str] = []  # the selected Linear/Conv2d layers (the latency table's rows)
@@ -73,7 +80,8 @@ class Search:
     # -- budget ---------------------------------------------------------------------------------------
     @property
     def recoverable(self) -> bool:
-        return bool(self.config.space.prune_levels and self.units.groups or self.config.space.sparsity_levels)
+        space = self.config.space
+        return bool(space.prune_levels and self.units.groups or space.sparsity_levels or self.units.blocks)
 
     def reserve(self) -> int:
         """Evaluations kept for recovery training: ``top_k``, at most half the budget."""
@@ -82,15 +90,20 @@ class Search:
             return 0
         return rec.top_k if most is None else min(rec.top_k, most // 2)
 
-    def exhausted(self, reserve: int | None = None) -> bool:
+    def exhausted(self, reserve: int | None = None, next_s: float | None = None) -> bool:
+        """Whether the next evaluation would overrun the budget, keeping ``reserve`` evaluations
+        (default: :meth:`reserve`) and, with a budget in minutes, ``recovery.time_share`` of the
+        time for recovery. ``next_s``: what the next evaluation is expected to take (default: the
+        mean so far)."""
         budget = self.config.budget
         keep = self.reserve() if reserve is None else reserve
         if budget.max_evaluations is not None and self.used >= max(budget.max_evaluations - keep, 0):
             return True
         if budget.minutes is None:
             return False
-        per = self.spent_s / max(self.used, 1) if self.used else 0.0
-        return self.spent_s + per > budget.minutes * 60
+        limit = budget.minutes * 60 * (1 - self.config.space.recovery.time_share if keep else 1)
+        per = self.spent_s / max(self.used, 1) if next_s is None else next_s
+        return self.spent_s + per > limit
 
     def seconds_left(self) -> float | None:
         budget, per = self.config.budget, self.spent_s / max(self.used, 1)
@@ -154,6 +167,24 @@ class Search:
         except Exception:  # a model whose ops the counter cannot see: no MACs figure
             out["macs"] = None
         return out
+
+
+def full_length(example: Any, tokens: int) -> dict[str, torch.Tensor]:
+    """A text batch whose every sequence has ``tokens`` real tokens: each row's own tokens (its
+    padding left out) repeated, every position attended, as full-length text would be."""
+    ids = example.get("input_ids") if isinstance(example, dict) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ConfigError("example_tokens", "applies to text batches (input_ids); this model's inputs are not")
+    mask = example.get("attention_mask", torch.ones_like(ids)).bool()
+    rows = []
+    for row, keep in zip(ids, mask):
+        real = row[keep] if bool(keep.any()) else row
+        rows.append(real.repeat(-(-tokens // len(real)))[:tokens])
+    dtype = example["attention_mask"].dtype if "attention_mask" in example else ids.dtype
+    out = {"input_ids": torch.stack(rows), "attention_mask": torch.ones(len(rows), tokens, dtype=dtype)}
+    if "token_type_ids" in example:
+        out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+    return out
 
 
 def _test_kill(evaluated: int) -> None:

@@ -1,5 +1,6 @@
-"""How candidates are chosen: a sensitivity-guided greedy pass, seeded evolutionary refinement, and
-recovery training (the expensive fidelity) for the few most promising candidates.
+"""How candidates are chosen: a sensitivity-guided greedy pass, coarse structural candidates, seeded
+evolutionary refinement, and recovery training (the expensive fidelity) for a few candidates of the
+front, chosen by bisection.
 
 Every choice depends only on the seed, the signals and the evaluations' figures, never on the
 clock or on which evaluations were read back from the log; so a search resumed after a kill
@@ -40,6 +41,29 @@ def greedy(s: Search) -> None:
             current, best = found.candidate, found.objective
 
 
+def uniform(s: Search) -> None:
+    """Coarse structural candidates on top of the best feasible one's precisions: every group at
+    one prune ratio, a number of blocks dropped and a sparsity level, in every combination (mild
+    first). Few of them keep the floor untrained; they are what recovery training starts from."""
+    space, best = s.config.space, s.best()
+    precision = dict(best.candidate.precision) if best is not None else {}
+    groups = sorted(s.units.groups)
+    ratios = [0.0, *space.prune_levels] if groups else [0.0]
+    combos = [
+        (blocks, ratio, sparsity)
+        for blocks in [0, *s.units.block_levels(s.config)]
+        for ratio in ratios
+        for sparsity in [0.0, *space.sparsity_levels]
+        if blocks or ratio or sparsity
+    ]
+    for blocks, ratio, sparsity in combos:
+        candidate = Candidate.make(precision, {g: ratio for g in groups}, sparsity, False, blocks)
+        if s.exhausted():
+            return
+        if candidate.key() not in s.seen:
+            s.evaluate(candidate, "uniform")
+
+
 def refine(s: Search) -> None:
     """Mutate one or two units of a random candidate of the feasible front, seeded, until the
     budget (less the recovery reserve) is spent or the space seems exhausted."""
@@ -51,7 +75,7 @@ def refine(s: Search) -> None:
     while not s.exhausted() and repeats < MAX_REPEATS:
         parents = _feasible_front(s)
         child = parents[rng.randrange(len(parents))].candidate
-        child = Candidate(child.precision, child.prune, child.sparsity, False)
+        child = child.with_recovery(False)
         for _ in range(rng.choice((1, 2))):
             kind, unit = units[rng.randrange(len(units))]
             levels = s.units.levels(kind, unit, s.config)
@@ -64,8 +88,10 @@ def refine(s: Search) -> None:
 
 
 def recover(s: Search) -> None:
-    """Recovery training for the ``top_k`` candidates that removed weights, beat the best feasible
-    objective and came closest to the floor (one evaluation each)."""
+    """Recovery training (one evaluation each, ``top_k`` at most) along the front of candidates
+    that removed weights, beat the best feasible objective and missed the floor untrained, by
+    bisection: the middle one first, then the more compressed half when it kept the floor after
+    recovery, else the less compressed half."""
     rec = s.config.space.recovery
     if not (rec.enabled and s.recoverable):
         return
@@ -75,11 +101,18 @@ def recover(s: Search) -> None:
         for e in s.evaluations
         if e.candidate.shrinks and not e.candidate.recover and e.objective < best and not e.meets_floor
     ]
-    pool.sort(key=lambda e: (s.shortfall(e), e.objective, e.key))
-    for e in pool[: rec.top_k]:
-        if s.exhausted(reserve=0):
+    front = sorted(pareto_front(pool, s.higher_is_better), key=lambda e: (e.objective, e.key))
+    low, high, last_s = 0, len(front) - 1, None
+    for _ in range(rec.top_k):
+        if low > high or s.exhausted(reserve=0, next_s=last_s):
             return
-        s.evaluate(e.candidate.with_recovery(), "recover")
+        middle = (low + high) // 2
+        found = s.evaluate(front[middle].candidate.with_recovery(), "recover")
+        last_s = found.seconds
+        if found.meets_floor:
+            high = middle - 1  # index 0 is the most compressed
+        else:
+            low = middle + 1
 
 
 def _unit_list(s: Search) -> list[tuple[str, Any]]:
@@ -87,6 +120,7 @@ def _unit_list(s: Search) -> list[tuple[str, Any]]:
         ("precision", layer) for layer in sorted(s.units.layers) if s.units.layers[layer]
     ]
     out += [("prune", group) for group in sorted(s.units.groups)] if s.config.space.prune_levels else []
+    out += [("blocks", None)] if s.units.block_levels(s.config) else []
     out += [("sparsity", None)] if s.config.space.sparsity_levels else []
     return out
 

@@ -11,6 +11,7 @@ YAML (``slimkit search RECIPE`` runs a recipe whose last step is this one)::
         space:
           precision: [bf16, int8, int4]
           prune_ratios: [0.25, 0.5]
+          blocks: []                   # whole blocks (transformer layers) that may be dropped
           sparsity: []
           recovery: {enabled: true, top_k: 2, epochs: 2, lr: 0.001, distill: true}
       calibration_samples: 256
@@ -208,6 +209,7 @@ def _settings_section(result: SearchResult) -> Section:
     c = result.chosen.candidate
     rows = [{"unit": layer, "setting": p} for layer, p in c.precision]
     rows += [{"unit": f"group {g}", "setting": f"pruned {r:g}"} for g, r in c.prune]
+    rows += [{"unit": "blocks", "setting": f"{c.blocks} dropped"}] if c.blocks else []
     rows += [{"unit": "all weights", "setting": f"sparsity {c.sparsity:g}"}] if c.sparsity else []
     rows += [{"unit": "recovery", "setting": "trained"}] if c.recover else []
     return Section(
@@ -252,6 +254,8 @@ def _markdown(result: SearchResult) -> str:
     lines += ["", "## Chosen per-layer settings", ""]
     lines += [f"- `{layer}`: {p}" for layer, p in result.chosen.candidate.precision] or ["- every layer fp32"]
     lines += [f"- group `{g}`: pruned {r:g}" for g, r in result.chosen.candidate.prune]
+    blocks = dict(result.steps).get("depth")
+    lines += [f"- blocks dropped: {blocks.indices}"] if blocks is not None else []
     return "\n".join(lines) + "\n"
 
 
@@ -260,18 +264,22 @@ def _recipe_steps(result: SearchResult, cfg: SearchStep) -> list[dict[str, Any]]
     steps, candidate = [], result.chosen.candidate
     recipe_steps = dict(result.steps)
     train = plain_train = recipe_steps.get("recover")  # restore_best off: the last epoch, as searched
+    # Plain fine-tuning (no distillation, no sparsity) follows the last structural step.
+    fine_tune = (
+        plain_train
+        if train is not None and not distills(cfg.search, candidate) and not candidate.sparsity
+        else None
+    )
     if "structured" in recipe_steps:
-        fine_tune = (
-            plain_train
-            if train is not None and not distills(cfg.search, candidate) and not candidate.sparsity
-            else None
-        )
         body = PruneStep(
             structured=recipe_steps["structured"],
-            train=fine_tune,
+            train=None if "depth" in recipe_steps else fine_tune,
             calibration_samples=cfg.calibration_samples,
         )
         steps.append({"type": "prune", "name": "search_prune_channels", **body.to_yaml()})
+    if "depth" in recipe_steps:
+        body = PruneStep(depth=recipe_steps["depth"], train=fine_tune)
+        steps.append({"type": "prune", "name": "search_drop_blocks", **body.to_yaml()})
     if "magnitude" in recipe_steps:
         body = PruneStep(magnitude=recipe_steps["magnitude"], train=plain_train)
         steps.append({"type": "prune", "name": "search_prune_weights", **body.to_yaml()})
