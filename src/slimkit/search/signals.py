@@ -30,7 +30,7 @@ from slimkit.batch import first_output
 from slimkit.errors import ModelError
 from slimkit.metrics.modes import eval_mode
 from slimkit.metrics.speed import compare_latency
-from slimkit.quant import quantize_
+from slimkit.quant import convert_, quantize_
 from slimkit.quant.sensitivity import relative_error  # the measure mixed precision ranks layers by
 from slimkit.search.space import Candidate, method_config, renamer
 from slimkit.tasks import TaskAdapter
@@ -140,6 +140,7 @@ def lowered_layer(
     cfg = method_config(precision, config, method, include=["layer"])
     try:
         summary = quantize_(solo, cfg, calibration_data=inputs, forward=lambda m, x: m(x))
+        summary = convert_(solo) if precision == "codebook" else summary  # it only prepared
     except ModelError:  # no layer the method can take (a Conv2d for bf16/int4, odd shapes)
         return None
     return None if "layer" in summary.skipped or "layer" not in summary.quantized else solo.layer.eval()

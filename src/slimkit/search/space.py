@@ -35,6 +35,7 @@ from slimkit.quant import (
     Int8DynamicConfig,
     Int8StaticConfig,
     WeightOnlyConfig,
+    convert_,
     quantize_,
 )
 from slimkit.search.config import PRECISIONS, SearchConfig
@@ -211,14 +212,19 @@ def renamer(model: nn.Module) -> Callable[[str], str | None]:
 
 
 def quant_config(
-    candidate: Candidate, config: SearchConfig, int8_method: str, rename: Callable = lambda n: n
+    candidate: Candidate,
+    config: SearchConfig,
+    int8_method: str,
+    rename: Callable = lambda n: n,
+    codebook: bool = False,
 ) -> Any:
     """One quantization config for every layer the candidate lowers (named by ``rename``; layers
     of dropped blocks left out): the first precision's method over its layers, the others as
-    per-layer overrides (one ``quantize_`` call, one recipe step)."""
+    per-layer overrides (one ``quantize_`` call, one recipe step). The shared-weight layers have
+    their own config (``codebook=True``): that method prepares, then converts, on its own."""
     by_precision: dict[str, list[str]] = {}
     for layer, p in candidate.precision:
-        if rename(layer) is not None:
+        if rename(layer) is not None and (p == "codebook") == codebook:
             by_precision.setdefault(p, []).append(rename(layer))
     if not by_precision:
         return None
@@ -310,16 +316,18 @@ class Builder:
             self._recover(built, model, done[-1][1], sparse)
         if sparse is not None:
             finalize_(built, sparse.masks)  # the zeros are the weights now (before quantization)
-        notes: dict[str, Any] = {"steps": done}
-        rename = renamer(built)
-        quant = quant_config(candidate, self.config, self.int8_method, rename)
-        if quant is not None:
-            done.append(("quantize", quant))
-            summary = quantize_(built, quant, calibration_data=self.calibration, forward=self.task.forward)
-            notes["kept_float"] = sorted(
-                layer for layer, _ in candidate.precision if rename(layer) in summary.skipped
-            )
-        return built.eval(), notes
+        rename, skipped = renamer(built), set()
+        for kind in ("quantize", "codebook"):
+            quant = quant_config(candidate, self.config, self.int8_method, rename, kind == "codebook")
+            if quant is not None:
+                done.append((kind, quant))
+                summary = quantize_(
+                    built, quant, calibration_data=self.calibration, forward=self.task.forward
+                )
+                summary = convert_(built) if kind == "codebook" else summary  # no centroid training
+                skipped |= set(summary.skipped)
+        kept = sorted(layer for layer, _ in candidate.precision if rename(layer) in skipped)
+        return built.eval(), {"steps": done, **({"kept_float": kept} if kept else {})}
 
     def _loss(self, model: nn.Module, batch: Any) -> Any:
         return self.task.loss_fn(self.task.forward(model, batch), batch)

@@ -174,7 +174,9 @@ def full_length(example: Any, tokens: int) -> dict[str, torch.Tensor]:
     padding left out) repeated, every position attended, as full-length text would be."""
     ids = example.get("input_ids") if isinstance(example, dict) else None
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise ConfigError("example_tokens", "applies to text batches (input_ids); this model's inputs are not")
+        raise ConfigError(
+            "example_tokens", "applies to text batches (input_ids); this model's inputs are not"
+        )
     mask = example.get("attention_mask", torch.ones_like(ids)).bool()
     rows = []
     for row, keep in zip(ids, mask):

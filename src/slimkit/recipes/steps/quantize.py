@@ -9,6 +9,7 @@ YAML (the keys are the quant method table's names, so a newly registered method 
     - type: quantize
       qat: {weight_bits: 4}
       train: {epochs: 2, lr: 0.0005}  # qat only
+      # or, instead of train, fine_tune: false: convert right away (codebook: centroids as clustered)
 
     - type: quantize
       mixed: {low: {method: weight_only, bits: 4, group_size: 32}, max_error: 0.01}
@@ -44,17 +45,20 @@ from slimkit.quant import (
     quantize_,
     save_quantized,
 )
+from slimkit.quant.codebook import SharedWeights
 from slimkit.quant.method import method_for
 from slimkit.quant.modules import BF16Linear
-from slimkit.quant.serialize import quantized_layers
+from slimkit.quant.serialize import load_compressed, quantized_layers, save_compressed
 from slimkit.recipes.steps.base import RunContext, StepResult, register_step, under, without
 from slimkit.recipes.steps.saving import HF_FOLDER, Saver, register_format
 from slimkit.train import TrainConfig
 
-SHARED = ("calibration_samples", "train")
+SHARED = ("calibration_samples", "train", "fine_tune")
 
 # How the run keeps a quantized model for --resume: rebuilt on the float model before the step.
 register_format("quantized", save_quantized, load_quantized)
+# Shared weights (codebook) are stored entropy-coded: their indices and gaps compress well.
+register_format("compressed", save_compressed, load_compressed)
 
 
 def _trains(quant: Any) -> bool:
@@ -71,6 +75,7 @@ class QuantizeStep:
     quant: Any  # the library's config; in YAML under the key of its method (``int8_static: {...}``)
     calibration_samples: int = 256
     train: TrainConfig | None = None  # methods that train (qat); default: 1 epoch at lr 1e-4
+    fine_tune: bool = True  # false: a method that trains converts right after preparing (no training)
 
     def __post_init__(self):
         positive_int(self.calibration_samples, "calibration_samples")
@@ -78,6 +83,12 @@ class QuantizeStep:
             self.train is None or _trains(self.quant),
             "train",
             f"{self.quant.method} does not train (only methods that train, such as qat, take train)",
+        )
+        require(isinstance(self.fine_tune, bool), "fine_tune", "must be true or false")
+        require(
+            self.fine_tune or (self.train is None and _trains(self.quant)),
+            "fine_tune",
+            "false only for a method that trains (qat, codebook), and then without train settings",
         )
 
     @classmethod
@@ -106,10 +117,11 @@ class QuantizeStep:
         train = body.get("train")
         if train is not None:
             train = from_dict(TrainConfig, train, f"{path}.train")
-        elif _trains(quant):
+        elif _trains(quant) and body.get("fine_tune", True) is not False:
             train = _default_train()
         try:
-            return cls(quant, **{k: body[k] for k in ("calibration_samples",) if k in body}, train=train)
+            given = {k: body[k] for k in ("calibration_samples", "fine_tune") if k in body}
+            return cls(quant, **given, train=train)
         except ConfigError as err:
             raise err.prefixed(path) from None
 
@@ -118,6 +130,8 @@ class QuantizeStep:
         out["calibration_samples"] = self.calibration_samples
         if self.train is not None:
             out["train"] = to_dict(self.train)
+        if not self.fine_tune:
+            out["fine_tune"] = False
         return out
 
 
@@ -166,9 +180,10 @@ def run_quantize(ctx: RunContext, cfg: QuantizeStep) -> StepResult:
     with under(quant.method):
         summary = quantize_(model, quant, calibration_data=batches, forward=ctx.task.forward)
         if _trains(quant):  # quantize_ only prepared (fake-quantized layers): train, then convert
-            # The callback (already prepared: it only keeps the observers' ranges in checkpoints).
-            trained = ctx.train(model, cfg.train or _default_train(), callbacks=[QATCallback(quant)])
-            notes["qat_epochs"] = len(trained.history)
+            if cfg.fine_tune:
+                # The callback (already prepared: it only keeps the observers' ranges in checkpoints).
+                trained = ctx.train(model, cfg.train or _default_train(), callbacks=[QATCallback(quant)])
+                notes["qat_epochs"] = len(trained.history)
             summary = convert_(model)
     notes.update(
         quant_method=quant.method,
@@ -196,8 +211,11 @@ def run_quantize(ctx: RunContext, cfg: QuantizeStep) -> StepResult:
 
 
 def _saver(model: Any) -> Saver:
-    """A causal LM with bf16 layers only: a plain (bfloat16) Hugging Face folder; else the packed file."""
+    """A causal LM with bf16 layers only: a plain (bfloat16) Hugging Face folder; shared weights:
+    the entropy-coded file; else the packed file."""
     layers = quantized_layers(model)
     if is_causal_lm(model) and layers and all(isinstance(m, BF16Linear) for m, _ in layers.values()):
         return HF_FOLDER.saver
+    if any(isinstance(m, SharedWeights) for m, _ in layers.values()):
+        return save_compressed
     return save_quantized

@@ -299,6 +299,9 @@ def _recipe_steps(result: SearchResult, cfg: SearchStep) -> list[dict[str, Any]]
     if "quantize" in recipe_steps:
         body = QuantizeStep(recipe_steps["quantize"], calibration_samples=cfg.calibration_samples)
         steps.append({"type": "quantize", "name": "search_quantize", **body.to_yaml()})
+    if "codebook" in recipe_steps:  # the centroids as clustered, as the search built them
+        body = QuantizeStep(recipe_steps["codebook"], fine_tune=False)
+        steps.append({"type": "quantize", "name": "search_share_weights", **body.to_yaml()})
     return steps or [{"type": "evaluate", "name": "search_unchanged"}]
 
 
