@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from slimkit.batch import call_model, default_forward, model_inputs, pair_inputs
+from slimkit.batch import call_model, default_forward, first_output, model_inputs, pair_inputs
 from slimkit.data.base import DataBundle
 from slimkit.errors import DataError, ModelError
 from slimkit.metrics.lm import evaluate_perplexity, next_token_loss
@@ -110,6 +110,13 @@ class TaskAdapter:
     @staticmethod
     def call(model: nn.Module, inputs: Any) -> Any:
         return call_model(model, inputs)
+
+    def one_call(self, model: nn.Module, batch: Any) -> Any:
+        """The model's main output, called once on a batch (a sentence-pair batch: its first
+        sentences): what a graph trace needs, where a pair task's ``forward`` calls the model twice."""
+        if self.task == "similarity":
+            return first_output(call_model(model, model_inputs(batch)))
+        return self.forward(model, batch)
 
 
 def build_task(data: DataBundle, tokenizer=None, max_length: int = 128) -> TaskAdapter:

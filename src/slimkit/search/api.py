@@ -15,6 +15,7 @@ instead of evaluating again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ from torch import nn
 
 from slimkit.data.base import DataBundle
 from slimkit.errors import ConfigError
-from slimkit.metrics.model import count_macs
 from slimkit.metrics.modes import eval_mode
 from slimkit.metrics.speed import compare_latency, fixed_threads
 from slimkit.search import signals as sig
@@ -45,25 +45,27 @@ def search(
     state_dir: str | Path | None = None,
     threads: int = 2,
     on_candidate: OnCandidate | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Search ``config.space`` for the candidate with the best objective within the floor.
 
     ``state_dir``: where the evaluations are logged and read back (a resumed search); ``threads``:
-    for every timing and evaluation; ``on_candidate(evaluation, search)`` after each candidate.
+    for every timing and evaluation; ``on_candidate(evaluation, search)`` after each candidate;
+    ``note(message)``: progress lines while the signals are measured.
     Raises :class:`ConfigError` (the field named) before any candidate when the floor, objective,
     budget or space cannot work for this model.
     """
     if data.val is None or len(data.val) == 0:
         raise ConfigError("data", "a search needs a validation split (the floor is checked on it)")
     with fixed_threads(threads):
-        return _run(model, task, data, config, state_dir, threads, on_candidate)
+        return _run(model, task, data, config, state_dir, threads, on_candidate, note)
 
 
-def _run(model, task, data, config, state_dir, threads, on_candidate) -> SearchResult:
+def _run(model, task, data, config, state_dir, threads, on_candidate, note) -> SearchResult:
     started = time.perf_counter()
     parts = {"config": repr(config), "splits": [len(data.train), len(data.val)], "threads": threads}
     log = CandidateLog(Path(state_dir) if state_dir is not None else None, fingerprint(model, parts))
-    s = Search(model, task, data, config, log, on_candidate)
+    s = Search(model, task, data, config, log, on_candidate, note)
     _check_inputs(s)
     s.signals = _signals(s, threads)
     s.builder.int8_method = s.signals.int8_method  # also when read back from an earlier run
@@ -98,11 +100,8 @@ def _check_inputs(s: Search) -> None:
     except Exception as err:
         field = "example_tokens" if cfg.example_tokens is not None else "objective"
         raise ConfigError(field, f"the model cannot run on its example batch ({err})") from None
-    if cfg.objective == "macs":
-        try:
-            count_macs(s.model, s.example)
-        except Exception as err:
-            raise ConfigError("objective", f"macs cannot be counted on this model ({err})") from None
+    if cfg.objective == "macs" and s.macs(s.model) is None:
+        raise ConfigError("objective", "macs cannot be counted on this model (its ops are not visible)")
     if cfg.budget.minutes is not None and cfg.budget.minutes * 60 < eval_s:
         raise ConfigError(
             "budget.minutes",
@@ -140,21 +139,24 @@ def _signals(s: Search, threads: int) -> sig.Signals:
     t0 = time.perf_counter()
     layers = sorted(s.layer_names)
     batches = s.builder.calibration[: sig.CAPTURE_BATCHES]
-    inputs = sig.capture_inputs(s.model, layers, [s.example, *batches], s.task)
+    inputs = sig.capture_inputs(s.model, layers, s.example, batches, s.task)
     variants = sig.layer_variants(s.model, layers, inputs, s.config)
     table, total = sig.time_layers(s.model, variants, inputs, s.example, s.task, threads)
     method, table = sig.pick_int8(table, s.config.space.int8_method)
+    s.note(f"signals: {len(table)} layers timed in {time.perf_counter() - t0:.0f} s; int8 runs {method}")
     shapes = {n: sig.layer_shape(dict(s.model.named_modules())[n]) for n in layers}
     found = sig.Signals(method, table, shapes, total)
     s.signals, s.builder.int8_method = found, method
     s.units.layers = {k: v for k, v in found.allowed().items() if v}
+    figure = OBJECTIVE_FIGURE[s.config.objective]
     found.single = sig.single_moves(
         s.model,
         _single_candidates(s, variants),
         lambda c: s.builder.build(s.model, c)[0],
-        lambda m, c: s.figures(m, c)[OBJECTIVE_FIGURE[s.config.objective]],
+        lambda m, c: s.figures(m, c, only=figure)[figure],
         batches,
         s.task,
+        lambda done, total: s.note(f"signals: {done}/{total} single-unit sensitivities measured"),
     )
     if table:
         found.proxy_check = sig.check_proxy(

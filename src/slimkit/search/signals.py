@@ -107,8 +107,10 @@ class _Solo(nn.Module):
         return self.layer(x)
 
 
-def capture_inputs(model: nn.Module, layers: list[str], batches: list, task: TaskAdapter) -> dict[str, list]:
-    """Each layer's first input tensor for every batch (one forward pass per batch)."""
+def capture_inputs(
+    model: nn.Module, layers: list[str], example: Any, batches: list, task: TaskAdapter
+) -> dict[str, list]:
+    """Each layer's first input tensor on the example (model inputs, first) and on every batch."""
     modules = dict(model.named_modules())
     seen: dict[str, list] = {name: [] for name in layers}
     count = [0]
@@ -120,11 +122,12 @@ def capture_inputs(model: nn.Module, layers: list[str], batches: list, task: Tas
 
         return record
 
+    runs = [lambda: task.call(model, example)] + [lambda b=b: task.forward(model, b) for b in batches]
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in layers]
     try:
         with eval_mode(model), torch.no_grad():
-            for batch in batches:
-                task.forward(model, batch)
+            for run in runs:
+                run()
                 count[0] += 1
     finally:
         for handle in handles:
@@ -216,12 +219,17 @@ def swapped(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return top
 
 
-def single_moves(model, candidates, build, objective, batches, task) -> dict[str, dict[str, float]]:
+def single_moves(
+    model, candidates, build, objective, batches, task, progress=None
+) -> dict[str, dict[str, float]]:
     """Each one-unit candidate's sensitivity and objective; ``candidates``: ``{move key: (candidate,
-    model or None)}`` where a ready model (a swapped-in layer) saves building it."""
+    model or None)}`` where a ready model (a swapped-in layer) saves building it. ``progress(done,
+    total)`` about every tenth of them."""
     reference = outputs(model, batches, task)
-    out = {}
-    for key, (candidate, ready) in candidates.items():
+    out, step = {}, max(len(candidates) // 10, 1)
+    for i, (key, (candidate, ready)) in enumerate(candidates.items(), 1):
+        if progress is not None and (i % step == 0 or i == len(candidates)):
+            progress(i, len(candidates))
         made = ready if ready is not None else build(candidate)
         out[key] = {
             "sensitivity": relative_error(reference, outputs(made, batches, task)),

@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from slimkit.batch import first_output
 from slimkit.distill import DistillConfig, distill_
 from slimkit.models.blocks import find_layer_list
 from slimkit.prune import DepthConfig, MagnitudeConfig, StructuredConfig, analyze, finalize_, prune_
@@ -173,7 +174,7 @@ def prunable_groups(
         return {}
     groups = [
         g
-        for g in analyze(model, example, task.forward)
+        for g in analyze(model, example, lambda m, x: first_output(task.call(m, x)))  # x: model inputs
         if g.prunable and g.kind in ("channel", "head") and all(selected(p, config) for p in g.producers)
     ]
     named = {}
@@ -304,7 +305,7 @@ class Builder:
         kw = {"calibration": self.calibration, "forward": self.task.forward, "loss_fn": self._loss}
         if candidate.prune:
             done.append(("structured", self.structured(candidate)))
-            prune_(built, done[-1][1], **kw)
+            prune_(built, done[-1][1], **(kw | {"forward": self.task.one_call}))
         if candidate.blocks:
             summary = prune_(built, self.depth(candidate), **kw)
             done.append(("depth", DepthConfig(indices=summary.details["dropped"])))

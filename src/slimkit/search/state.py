@@ -50,9 +50,10 @@ def saver_for(candidate: Candidate, kept_float: list[str] = (), model: nn.Module
 class Search:
     """One search's state: the inputs, the signals, every evaluation so far, the budget spent."""
 
-    def __init__(self, model, task, data, config, log, on_candidate=None):
+    def __init__(self, model, task, data, config, log, on_candidate=None, note=None):
         self.model, self.task, self.data, self.config, self.log = model, task, data, config, log
         self.on_candidate = on_candidate
+        self.note: Callable[[str], None] = note or (lambda _message: None)  # progress of long phases
         self.higher_is_better = task.higher_is_better
         self.evaluations: list[Evaluation] = []
         self.seen: set[str] = set()
@@ -157,16 +158,39 @@ class Search:
     def floor_met(self, metric: float) -> bool:
         return metric >= self.floor - 1e-12 if self.higher_is_better else metric <= self.floor + 1e-12
 
-    def figures(self, model: nn.Module, candidate: Candidate, kept: list[str] = ()) -> dict[str, Any]:
-        precision = {k: v for k, v in candidate.precision if k not in kept}
-        out: dict[str, Any] = {"size_bytes": _size(model, saver_for(candidate, list(kept), model))}
-        if self.signals is not None:
+    def figures(
+        self, model: nn.Module, candidate: Candidate, kept: list[str] = (), only: str | None = None
+    ) -> dict[str, Any]:
+        """Size on disk, predicted latency and MACs (``only``: just that one, for a probe)."""
+        out: dict[str, Any] = {}
+        if only in (None, "size_bytes"):
+            out["size_bytes"] = _size(model, saver_for(candidate, list(kept), model))
+        if self.signals is not None and only in (None, "latency_proxy_ms"):
+            precision = {k: v for k, v in candidate.precision if k not in kept}
             out["latency_proxy_ms"] = self.signals.predict_ms(model, precision)
-        try:
-            out["macs"] = count_macs(model, self.example)
-        except Exception:  # a model whose ops the counter cannot see: no MACs figure
-            out["macs"] = None
+        if only in (None, "macs"):
+            out["macs"] = self.macs(model)
         return out
+
+    def macs(self, model: nn.Module) -> int | None:
+        """MACs of the example batch, counted on its first row times its rows (every op here is
+        per sample: the same figure at a fraction of the time); None when the counter cannot see
+        the model's ops."""
+        try:
+            return count_macs(model, first_row(self.example)) * batch_len(self.example)
+        except Exception:
+            return None
+
+
+def first_row(batch: Any) -> Any:
+    """The first sample of a batch, still a batch (tensors, or dicts/tuples of them)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:1]
+    if isinstance(batch, dict):
+        return {k: first_row(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(first_row(v) for v in batch)
+    return batch
 
 
 def full_length(example: Any, tokens: int) -> dict[str, torch.Tensor]:

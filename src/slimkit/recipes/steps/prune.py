@@ -151,7 +151,7 @@ def _structured(ctx: RunContext, cfg: PruneStep) -> StepResult:
             model,
             cfg.structured or cfg.depth,
             calibration=calibration,
-            forward=task.forward,
+            forward=task.one_call,  # the graph trace needs one model call per batch
             loss_fn=lambda m, b: task.loss_fn(task.forward(m, b), b),
         )
     if cfg.train is not None:

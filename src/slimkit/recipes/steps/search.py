@@ -151,6 +151,7 @@ def _search(ctx: RunContext, cfg: SearchStep) -> SearchResult:
             state_dir=state,
             threads=ctx.measure.threads,
             on_candidate=_progress(ctx, config.objective),
+            note=lambda message: ctx.log.info("  search: %s", message),
         )
 
 
