@@ -247,3 +247,35 @@ def test_cli_codebook_search_is_stored_entropy_coded_and_its_recipe_rebuilds_it(
     assert again["size_bytes"] == searched["size_bytes"] == found["chosen"]["objective"]
     first = json.loads((tmp_path / "cb" / "report.json").read_text())["rows"][0]
     assert searched["size_bytes"] < first["size_bytes"] / 6  # 4-bit indices, entropy-coded
+
+
+def test_quantize_step_fine_tune_false_converts_untrained_and_is_refused_where_it_means_nothing():
+    from slimkit.recipes.steps.quantize import QuantizeStep
+
+    step = QuantizeStep.from_yaml({"codebook": {"bits": 4}, "fine_tune": False}, "steps[0]")
+    assert step.train is None and not step.fine_tune and step.to_yaml()["fine_tune"] is False
+    assert QuantizeStep.from_yaml({"codebook": {"bits": 4}}, "steps[0]").train is not None  # default
+    with pytest.raises(ConfigError, match="fine_tune"):
+        QuantizeStep.from_yaml({"int8_dynamic": {}, "fine_tune": False}, "steps[0]")
+    with pytest.raises(ConfigError, match="fine_tune"):
+        QuantizeStep.from_yaml({"codebook": {}, "fine_tune": False, "train": {"epochs": 1}}, "steps[0]")
+
+
+def test_one_call_runs_a_pair_model_once_on_the_first_sentences():
+    calls = []
+
+    class Encoder(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            calls.append(input_ids.shape)
+            return input_ids.float()
+
+    task = build_task(toy_bundle(8), tokenizer(), max_length=16)
+    task.task = "similarity"
+    ids = torch.ones(2, 3, dtype=torch.long)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": ids,
+        "pair_input_ids": ids[:, :2],
+        "pair_attention_mask": ids[:, :2],
+    }
+    assert task.one_call(Encoder(), batch).shape == (2, 3) and calls == [(2, 3)]

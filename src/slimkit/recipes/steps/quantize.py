@@ -58,7 +58,7 @@ SHARED = ("calibration_samples", "train", "fine_tune")
 # How the run keeps a quantized model for --resume: rebuilt on the float model before the step.
 register_format("quantized", save_quantized, load_quantized)
 # Shared weights (codebook) are stored entropy-coded: their indices and gaps compress well.
-register_format("compressed", save_compressed, load_compressed)
+register_format("compressed", save_compressed, load_compressed, file_name="model.slim")
 
 
 def _trains(quant: Any) -> bool:
