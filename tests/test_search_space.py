@@ -245,8 +245,19 @@ def test_cli_codebook_search_is_stored_entropy_coded_and_its_recipe_rebuilds_it(
     again = json.loads((tmp_path / "cb_reproduced" / "report.json").read_text())["rows"][-1]
     assert again["metrics"]["accuracy"] == pytest.approx(searched["metrics"]["accuracy"])
     assert again["size_bytes"] == searched["size_bytes"] == found["chosen"]["objective"]
-    first = json.loads((tmp_path / "cb" / "report.json").read_text())["rows"][0]
-    assert searched["size_bytes"] < first["size_bytes"] / 6  # 4-bit indices, entropy-coded
+    report = json.loads((tmp_path / "cb" / "report.json").read_text())
+    assert searched["size_bytes"] < report["rows"][0]["size_bytes"] / 6  # 4-bit indices, entropy-coded
+    # the second view: every candidate's metric against predicted latency, its own front
+    other = next(x for x in report["sections"] if x["key"] == "search_other_front")
+    front = [r for r in other["rows"] if r["on front"]]
+    assert other["scatter"]["x"] == "latency" and front
+    for r in front:  # no point of the front is dominated on (accuracy, latency)
+        assert not any(
+            o["val accuracy"] >= r["val accuracy"]
+            and o["latency"] <= r["latency"]
+            and (o["val accuracy"] > r["val accuracy"] or o["latency"] < r["latency"])
+            for o in other["rows"]
+        )
 
 
 def test_quantize_step_fine_tune_false_converts_untrained_and_is_refused_where_it_means_nothing():

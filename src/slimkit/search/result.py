@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,19 +71,27 @@ def better_metric(a: float, b: float, higher_is_better: bool) -> bool:
     return a > b if higher_is_better else a < b
 
 
-def dominates(a: Evaluation, b: Evaluation, higher_is_better: bool) -> bool:
-    """``a`` is at least as good as ``b`` on both axes and better on one."""
+def _objective(e: Evaluation) -> float:
+    return e.objective
+
+
+def dominates(a: Evaluation, b: Evaluation, higher_is_better: bool, value: Callable = _objective) -> bool:
+    """``a`` is at least as good as ``b`` on both axes (the metric and ``value``, lower is better;
+    default: the objective) and better on one."""
     metric_ok = a.metric >= b.metric if higher_is_better else a.metric <= b.metric
-    strictly = better_metric(a.metric, b.metric, higher_is_better) or a.objective < b.objective
-    return metric_ok and a.objective <= b.objective and strictly
+    strictly = better_metric(a.metric, b.metric, higher_is_better) or value(a) < value(b)
+    return metric_ok and value(a) <= value(b) and strictly
 
 
-def pareto_front(evaluations: list[Evaluation], higher_is_better: bool) -> list[Evaluation]:
-    """The evaluations no other dominates, by objective (best first); equal points kept once."""
+def pareto_front(
+    evaluations: list[Evaluation], higher_is_better: bool, value: Callable = _objective
+) -> list[Evaluation]:
+    """The evaluations no other dominates, by ``value`` (default: the objective; best first);
+    equal points kept once."""
     front, seen = [], set()
-    for e in sorted(evaluations, key=lambda e: (e.objective, e.key)):
-        point = (e.metric, e.objective)
-        if point in seen or any(dominates(o, e, higher_is_better) for o in evaluations):
+    for e in sorted(evaluations, key=lambda e: (value(e), e.key)):
+        point = (e.metric, value(e))
+        if point in seen or any(dominates(o, e, higher_is_better, value) for o in evaluations):
             continue
         seen.add(point)
         front.append(e)

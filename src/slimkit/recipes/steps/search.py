@@ -46,7 +46,7 @@ from slimkit.recipes.steps.prune import PruneStep
 from slimkit.recipes.steps.quantize import QuantizeStep
 from slimkit.report.sections import NOTES_KEY, Scatter, Section
 from slimkit.search import SearchConfig, search
-from slimkit.search.result import UNITS, Evaluation, SearchResult
+from slimkit.search.result import OBJECTIVE_FIGURE, UNITS, Evaluation, SearchResult, pareto_front
 from slimkit.search.space import distills
 from slimkit.search.state import saver_for
 from slimkit.utils.io import save_weights, write_json, write_text
@@ -203,7 +203,45 @@ def _sections(result: SearchResult) -> list[dict[str, Any]]:
     )
     text = " ".join(result.summary_lines())
     out = [Section("Search: Pareto front", text, rows, mark="chosen", scatter=scatter, key="search_front")]
+    out += [_other_front(result)]
     return [s.to_json() for s in out + [_settings_section(result), _signals_section(result)]]
+
+
+def _other_front(result: SearchResult) -> Section:
+    """The same candidates against the other cost a user weighs: size when the search minimised
+    latency or MACs, predicted latency when it minimised size (front recomputed on that axis)."""
+    other = "latency" if result.objective == "size" else "size"
+    figure = OBJECTIVE_FIGURE[other]
+    known = [e for e in result.evaluations if e.figures.get(figure) is not None]
+    front = {e.key for e in pareto_front(known, result.higher_is_better, lambda e: e.figures[figure])}
+    rows = [
+        {
+            "#": e.index,
+            "candidate": e.candidate.label(),
+            f"val {result.metric_name}": round(e.metric, 6),
+            other: e.figures[figure],
+            "on front": e.key in front,
+            "chosen": e.key == result.chosen.key,
+        }
+        for e in known
+    ]
+    scatter = Scatter(
+        x=other,
+        y=f"val {result.metric_name}",
+        label="candidate",
+        front="on front",
+        xlabel=f"{other} ({UNITS[other]})",
+        ylabel=f"validation {result.metric_name}",
+    )
+    text = f"every candidate's validation {result.metric_name} against its {other} (the search minimised {result.objective})"
+    return Section(
+        f"Search: {result.metric_name} vs {other}",
+        text,
+        rows or [{"#": "-"}],
+        mark="chosen",
+        scatter=scatter,
+        key="search_other_front",
+    )
 
 
 def _settings_section(result: SearchResult) -> Section:
