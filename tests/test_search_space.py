@@ -49,6 +49,8 @@ def test_candidate_blocks_round_trip_and_older_logs_read_as_zero():
     assert Candidate.from_dict(c.to_dict()) == c and c.key() != Candidate.make(prune={"a": 0.5}).key()
     assert Candidate.from_dict({"precision": {}, "prune": {}, "sparsity": 0.0, "recover": False}).blocks == 0
     assert "drop 2 blocks" in c.label() and c.shrinks and not c.is_baseline
+    many = Candidate.make(prune={f"g{i}": 0.25 * (1 + i % 3) for i in range(5)})
+    assert many.label() == "prune 5 groups 0.25-0.75" and "prune a 0.5" in c.label()
     assert c.with_recovery().blocks == 2 and c.with_setting("blocks", None, 1).blocks == 1
 
 

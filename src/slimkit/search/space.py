@@ -117,7 +117,12 @@ class Candidate:
         for _, p in self.precision:
             counts[p] = counts.get(p, 0) + 1
         parts += [f"{n} {p}" for p, n in sorted(counts.items(), key=lambda kv: PRECISIONS.index(kv[0]))]
-        parts += [f"prune {g} {r:g}" for g, r in self.prune]
+        if len(self.prune) > 3:  # a table row stays readable; the settings section lists every group
+            ratios = sorted({r for _, r in self.prune})
+            spread = f"{ratios[0]:g}" if len(ratios) == 1 else f"{ratios[0]:g}-{ratios[-1]:g}"
+            parts += [f"prune {len(self.prune)} groups {spread}"]
+        else:
+            parts += [f"prune {g} {r:g}" for g, r in self.prune]
         parts += [f"drop {self.blocks} block{'s' if self.blocks > 1 else ''}"] if self.blocks else []
         parts += [f"sparsity {self.sparsity:g}"] if self.sparsity else []
         parts += ["recovered"] if self.recover else []
