@@ -292,3 +292,29 @@ def test_one_call_runs_a_pair_model_once_on_the_first_sentences():
         "pair_attention_mask": ids[:, :2],
     }
     assert task.one_call(Encoder(), batch).shape == (2, 3) and calls == [(2, 3)]
+
+
+def test_a_train_mode_model_with_batchnorm_is_left_exactly_as_it_was(tmp_path):
+    """Timing the model (the proxy check, the final side-by-side) once ran it in train mode and moved
+    its BatchNorm statistics: the chosen model then differed from the one a resumed search rebuilt."""
+    from tests.test_search import _digits
+
+    torch.manual_seed(0)
+    data = _digits()
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    Trainer(model, TrainConfig(epochs=3, lr=3e-3, progress=False)).fit(data.train)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = SearchConfig(
+        floor=FloorConfig(within=0.05),
+        budget=BudgetConfig(max_evaluations=6),
+        space=SpaceConfig(precision=["int8"], prune_ratios=[0.5], recovery=RecoveryConfig(top_k=1, epochs=1)),
+    )
+    first = search(model, build_task(data), data, config, state_dir=tmp_path)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    again = search(model, build_task(data), data, config, state_dir=tmp_path)  # every candidate read back
+    assert again.resumed == len(first.evaluations) - 1
+    assert again.test_metrics == first.test_metrics
+    a, b = first.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

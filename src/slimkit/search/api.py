@@ -218,15 +218,16 @@ def _result(s: Search, threads: int, seconds: float) -> SearchResult:
 
 def _measured(s: Search, model: nn.Module, chosen: Evaluation, threads: int) -> dict[str, Any]:
     """The chosen model's end-to-end latency beside the baseline's (interleaved), and the proxy's error."""
-    timed = compare_latency(
-        {
-            "baseline": lambda: s.task.call(s.model, s.example),
-            "chosen": lambda: s.task.call(model, s.example),
-        },
-        warmup=3,
-        repeats=30,
-        threads=threads,
-    )
+    with eval_mode(s.model), torch.no_grad():  # a model given in train mode keeps its BatchNorm statistics
+        timed = compare_latency(
+            {
+                "baseline": lambda: s.task.call(s.model, s.example),
+                "chosen": lambda: s.task.call(model, s.example),
+            },
+            warmup=3,
+            repeats=30,
+            threads=threads,
+        )
     base_ms, ms = timed["baseline"].median_ms, timed["chosen"].median_ms
     proxy = chosen.figures.get("latency_proxy_ms")
     return {

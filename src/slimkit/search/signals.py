@@ -248,12 +248,13 @@ def check_proxy(signals: Signals, model: nn.Module, build, example, task, thread
     candidate = Candidate.make(precision=fastest)
     made = build(candidate)
     predicted = signals.predict_ms(made, dict(candidate.precision))
-    timed = compare_latency(
-        {"fp32": lambda: task.call(model, example), "candidate": lambda: task.call(made, example)},
-        warmup=3,
-        repeats=20,
-        threads=threads,
-    )
+    with eval_mode(model), torch.no_grad():  # timing must not move a train-mode model's statistics
+        timed = compare_latency(
+            {"fp32": lambda: task.call(model, example), "candidate": lambda: task.call(made, example)},
+            warmup=3,
+            repeats=20,
+            threads=threads,
+        )
     measured = timed["candidate"].median_ms
     return {
         "candidate": candidate.label(),
