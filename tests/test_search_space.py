@@ -15,18 +15,10 @@ from slimkit.prune import DepthConfig, StructuredConfig, prune_
 from slimkit.quant import save_compressed
 from slimkit.recipes.steps.prune import PruneStep
 from slimkit.recipes.steps.search import SearchStep, _recipe_steps
-from slimkit.search import (
-    BudgetConfig,
-    Candidate,
-    Evaluation,
-    FloorConfig,
-    RecoveryConfig,
-    SearchConfig,
-    SpaceConfig,
-    search,
-    strategy,
-)
-from slimkit.search.space import renamer
+from slimkit.search import search, strategy
+from slimkit.search.config import BudgetConfig, FloorConfig, RecoveryConfig, SearchConfig, SpaceConfig
+from slimkit.search.result import Evaluation
+from slimkit.search.space import Candidate, renamer
 from slimkit.search.state import Search, full_length
 from slimkit.tasks import build_task
 from slimkit.train import TrainConfig, Trainer
