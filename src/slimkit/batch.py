@@ -94,6 +94,17 @@ def batch_len(batch: Any) -> int:
     return len(batch)
 
 
+def first_row(batch: Any) -> Any:
+    """The first sample of a batch, still a batch (tensors, or dicts/tuples of them)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:1]
+    if isinstance(batch, dict):
+        return {k: first_row(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(first_row(v) for v in batch)
+    return batch
+
+
 def describe_batch(batch: Any) -> str:
     """A batch's shapes in words, for error messages."""
     if isinstance(batch, torch.Tensor):

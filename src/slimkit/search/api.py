@@ -25,7 +25,7 @@ from torch import nn
 from slimkit.data.base import DataBundle
 from slimkit.errors import ConfigError
 from slimkit.metrics.modes import eval_mode
-from slimkit.metrics.speed import compare_latency, fixed_threads
+from slimkit.metrics.speed import fixed_threads
 from slimkit.search import signals as sig
 from slimkit.search import strategy
 from slimkit.search.config import SearchConfig
@@ -218,16 +218,7 @@ def _result(s: Search, threads: int, seconds: float) -> SearchResult:
 
 def _measured(s: Search, model: nn.Module, chosen: Evaluation, threads: int) -> dict[str, Any]:
     """The chosen model's end-to-end latency beside the baseline's (interleaved), and the proxy's error."""
-    with eval_mode(s.model), torch.no_grad():  # a model given in train mode keeps its BatchNorm statistics
-        timed = compare_latency(
-            {
-                "baseline": lambda: s.task.call(s.model, s.example),
-                "chosen": lambda: s.task.call(model, s.example),
-            },
-            warmup=3,
-            repeats=30,
-            threads=threads,
-        )
+    timed = sig.time_models({"baseline": s.model, "chosen": model}, s.task, s.example, 30, threads)
     base_ms, ms = timed["baseline"].median_ms, timed["chosen"].median_ms
     proxy = chosen.figures.get("latency_proxy_ms")
     return {

@@ -18,6 +18,7 @@ folder): a resumed search reads them back and makes the same choices.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,9 +31,8 @@ from slimkit.batch import first_output
 from slimkit.errors import ModelError
 from slimkit.metrics.modes import eval_mode
 from slimkit.metrics.speed import compare_latency
-from slimkit.quant import convert_, quantize_
 from slimkit.quant.sensitivity import relative_error  # the measure mixed precision ranks layers by
-from slimkit.search.space import Candidate, method_config, renamer
+from slimkit.search.space import Candidate, lower_, method_config, renamer
 from slimkit.tasks import TaskAdapter
 
 CAPTURE_BATCHES = 4  # calibration batches whose outputs (and layer inputs) the sensitivities use
@@ -62,9 +62,10 @@ class Signals:
         total, kept_fp32, all_fp32 = 0.0, 0.0, 0.0
         for layer, times in self.layer_ms.items():
             all_fp32 += times["fp32"]
-            if rename(layer) not in modules:
+            module = modules.get(rename(layer))
+            if module is None:
                 continue  # its block was dropped
-            share = _kept_share(modules[rename(layer)], self.layer_shape[layer])
+            share = _kept_share(module, self.layer_shape[layer])
             total += times[precision.get(layer, "fp32")] * share
             kept_fp32 += times["fp32"] * share
         # The ops between the layers (activations, attention scores, norms, pooling) work on the
@@ -142,8 +143,7 @@ def lowered_layer(
     solo = _Solo(copy.deepcopy(layer))
     cfg = method_config(precision, config, method, include=["layer"])
     try:
-        summary = quantize_(solo, cfg, calibration_data=inputs, forward=lambda m, x: m(x))
-        summary = convert_(solo) if precision == "codebook" else summary  # it only prepared
+        summary = lower_(solo, cfg, inputs, lambda m, x: m(x))
     except ModelError:  # no layer the method can take (a Conv2d for bf16/int4, odd shapes)
         return None
     return None if "layer" in summary.skipped or "layer" not in summary.quantized else solo.layer.eval()
@@ -228,14 +228,24 @@ def single_moves(
     reference = outputs(model, batches, task)
     out, step = {}, max(len(candidates) // 10, 1)
     for i, (key, (candidate, ready)) in enumerate(candidates.items(), 1):
-        if progress is not None and (i % step == 0 or i == len(candidates)):
-            progress(i, len(candidates))
         made = ready if ready is not None else build(candidate)
         out[key] = {
             "sensitivity": relative_error(reference, outputs(made, batches, task)),
             "objective": objective(made, candidate),
         }
+        if progress is not None and (i % step == 0 or i == len(candidates)):
+            progress(i, len(candidates))
     return out
+
+
+def time_models(models: dict[str, nn.Module], task: TaskAdapter, example: Any, repeats: int, threads: int):
+    """``compare_latency`` of whole models on the example, interleaved, each in eval mode under
+    no_grad (timing a model given in train mode must not move its BatchNorm statistics)."""
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for model in models.values():
+            stack.enter_context(eval_mode(model))
+        fns = {name: (lambda m=model: task.call(m, example)) for name, model in models.items()}
+        return compare_latency(fns, warmup=3, repeats=repeats, threads=threads)
 
 
 def check_proxy(signals: Signals, model: nn.Module, build, example, task, threads) -> dict[str, Any]:
@@ -248,13 +258,7 @@ def check_proxy(signals: Signals, model: nn.Module, build, example, task, thread
     candidate = Candidate.make(precision=fastest)
     made = build(candidate)
     predicted = signals.predict_ms(made, dict(candidate.precision))
-    with eval_mode(model), torch.no_grad():  # timing must not move a train-mode model's statistics
-        timed = compare_latency(
-            {"fp32": lambda: task.call(model, example), "candidate": lambda: task.call(made, example)},
-            warmup=3,
-            repeats=20,
-            threads=threads,
-        )
+    timed = time_models({"fp32": model, "candidate": made}, task, example, 20, threads)
     measured = timed["candidate"].median_ms
     return {
         "candidate": candidate.label(),

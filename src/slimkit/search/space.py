@@ -25,8 +25,8 @@ from typing import Any
 
 from torch import nn
 
-from slimkit.batch import first_output
 from slimkit.distill import DistillConfig, distill_
+from slimkit.errors import ModelError
 from slimkit.models.blocks import find_layer_list
 from slimkit.prune import DepthConfig, MagnitudeConfig, StructuredConfig, analyze, finalize_, prune_
 from slimkit.prune.depth import kept_blocks
@@ -39,6 +39,7 @@ from slimkit.quant import (
     convert_,
     quantize_,
 )
+from slimkit.quant.method import method_for
 from slimkit.search.config import PRECISIONS, SearchConfig
 from slimkit.tasks import TaskAdapter
 from slimkit.train import TrainConfig, Trainer
@@ -179,7 +180,7 @@ def prunable_groups(
         return {}
     groups = [
         g
-        for g in analyze(model, example, lambda m, x: first_output(task.call(m, x)))  # x: model inputs
+        for g in analyze(model, example, task.one_call)
         if g.prunable and g.kind in ("channel", "head") and all(selected(p, config) for p in g.producers)
     ]
     named = {}
@@ -195,7 +196,7 @@ def block_count(model: nn.Module) -> int:
     """Blocks in the model's block list (its longest ``ModuleList`` of one block type), 0 if none."""
     try:
         return len(find_layer_list(model)[1])
-    except Exception:  # no block list: nothing to drop
+    except ModelError:  # no block list: nothing to drop
         return 0
 
 
@@ -248,6 +249,13 @@ def method_config(precision: str, config: SearchConfig, int8_method: str, **kw: 
     if precision == "codebook":
         return CodebookConfig(bits=config.space.codebook_bits, **kw)
     return (Int8StaticConfig if int8_method == "int8_static" else Int8DynamicConfig)(**kw)
+
+
+def lower_(model: nn.Module, config: Any, calibration: list, forward: Callable) -> Any:
+    """``quantize_`` in place, then ``convert_`` for a method that trains (codebook, qat: the search
+    gives it no training); returns the summary of the layers as converted."""
+    summary = quantize_(model, config, calibration_data=calibration, forward=forward)
+    return convert_(model) if method_for(config).trains else summary
 
 
 def distills(config: SearchConfig, candidate: Candidate) -> bool:
@@ -327,11 +335,7 @@ class Builder:
             quant = quant_config(candidate, self.config, self.int8_method, rename, kind == "codebook")
             if quant is not None:
                 done.append((kind, quant))
-                summary = quantize_(
-                    built, quant, calibration_data=self.calibration, forward=self.task.forward
-                )
-                summary = convert_(built) if kind == "codebook" else summary  # no centroid training
-                skipped |= set(summary.skipped)
+                skipped |= set(lower_(built, quant, self.calibration, self.task.forward).skipped)
         kept = sorted(layer for layer, _ in candidate.precision if rename(layer) in skipped)
         return built.eval(), {"steps": done, **({"kept_float": kept} if kept else {})}
 

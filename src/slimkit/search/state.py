@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.batch import batch_len
+from slimkit.batch import batch_len, first_row
 from slimkit.errors import ConfigError
 from slimkit.metrics.model import count_macs, count_nonzero, count_parameters
 from slimkit.prune import save_pruned, save_sparse
@@ -102,7 +102,8 @@ class Search:
             return True
         if budget.minutes is None:
             return False
-        limit = budget.minutes * 60 * (1 - self.config.space.recovery.time_share if keep else 1)
+        share = (1 - self.config.space.recovery.time_share) if keep else 1.0
+        limit = budget.minutes * 60 * share
         per = self.spent_s / max(self.used, 1) if next_s is None else next_s
         return self.spent_s + per > limit
 
@@ -180,17 +181,6 @@ class Search:
             return count_macs(model, first_row(self.example)) * batch_len(self.example)
         except Exception:
             return None
-
-
-def first_row(batch: Any) -> Any:
-    """The first sample of a batch, still a batch (tensors, or dicts/tuples of them)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:1]
-    if isinstance(batch, dict):
-        return {k: first_row(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(first_row(v) for v in batch)
-    return batch
 
 
 def full_length(example: Any, tokens: int) -> dict[str, torch.Tensor]:

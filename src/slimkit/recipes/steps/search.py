@@ -177,71 +177,54 @@ def _notes(result: SearchResult) -> dict[str, Any]:
 
 
 def _sections(result: SearchResult) -> list[dict[str, Any]]:
-    """report.html's blocks: every candidate with the front and the chosen one marked, the chosen
-    per-layer settings, and the per-layer signals (sensitivity, time at each precision)."""
-    front = {e.key for e in result.front}
+    """report.html's blocks: every candidate with the front and the chosen one marked (against the
+    objective, and against the other cost a user weighs: size, or predicted latency when the search
+    minimised size), the chosen per-layer settings, and the per-layer signals."""
+    other = "latency" if result.objective == "size" else "size"
+    figure = OBJECTIVE_FIGURE[other]
+    known = [e for e in result.evaluations if e.figures.get(figure) is not None]
+    out = [
+        _front_section(
+            result, result.evaluations, result.objective, lambda e: e.objective, result.front,
+            "Search: Pareto front", " ".join(result.summary_lines()), "search_front",
+        ),
+        _front_section(
+            result, known, other, lambda e: e.figures[figure],
+            pareto_front(known, result.higher_is_better, lambda e: e.figures[figure]),
+            f"Search: {result.metric_name} vs {other}",
+            f"every candidate's validation {result.metric_name} against its {other} "
+            f"(the search minimised {result.objective})",
+            "search_other_front",
+        ),
+    ]  # fmt: skip
+    return [s.to_json() for s in out + [_settings_section(result), _signals_section(result)]]
+
+
+def _front_section(result, evaluations, axis, value, front, title, text, key) -> Section:
+    """The candidates' validation metric against ``axis`` (``value(e)``), ``front`` and the chosen one marked."""
+    on_front = {e.key for e in front}
     rows = [
         {
             "#": e.index,
             "phase": e.phase,
             "candidate": e.candidate.label(),
             f"val {result.metric_name}": round(e.metric, 6),
-            result.objective: e.objective,
+            axis: value(e),
             "within floor": e.meets_floor,
-            "on front": e.key in front,
+            "on front": e.key in on_front,
             "chosen": e.key == result.chosen.key,
         }
-        for e in result.evaluations
+        for e in evaluations
     ]
     scatter = Scatter(
-        x=result.objective,
+        x=axis,
         y=f"val {result.metric_name}",
         label="candidate",
         front="on front",
-        xlabel=f"{result.objective} ({UNITS[result.objective]})",
+        xlabel=f"{axis} ({UNITS[axis]})",
         ylabel=f"validation {result.metric_name}",
     )
-    text = " ".join(result.summary_lines())
-    out = [Section("Search: Pareto front", text, rows, mark="chosen", scatter=scatter, key="search_front")]
-    out += [_other_front(result)]
-    return [s.to_json() for s in out + [_settings_section(result), _signals_section(result)]]
-
-
-def _other_front(result: SearchResult) -> Section:
-    """The same candidates against the other cost a user weighs: size when the search minimised
-    latency or MACs, predicted latency when it minimised size (front recomputed on that axis)."""
-    other = "latency" if result.objective == "size" else "size"
-    figure = OBJECTIVE_FIGURE[other]
-    known = [e for e in result.evaluations if e.figures.get(figure) is not None]
-    front = {e.key for e in pareto_front(known, result.higher_is_better, lambda e: e.figures[figure])}
-    rows = [
-        {
-            "#": e.index,
-            "candidate": e.candidate.label(),
-            f"val {result.metric_name}": round(e.metric, 6),
-            other: e.figures[figure],
-            "on front": e.key in front,
-            "chosen": e.key == result.chosen.key,
-        }
-        for e in known
-    ]
-    scatter = Scatter(
-        x=other,
-        y=f"val {result.metric_name}",
-        label="candidate",
-        front="on front",
-        xlabel=f"{other} ({UNITS[other]})",
-        ylabel=f"validation {result.metric_name}",
-    )
-    text = f"every candidate's validation {result.metric_name} against its {other} (the search minimised {result.objective})"
-    return Section(
-        f"Search: {result.metric_name} vs {other}",
-        text,
-        rows or [{"#": "-"}],
-        mark="chosen",
-        scatter=scatter,
-        key="search_other_front",
-    )
+    return Section(title, text, rows or [{"#": "-"}], mark="chosen", scatter=scatter, key=key)
 
 
 def _settings_section(result: SearchResult) -> Section:
