@@ -112,7 +112,7 @@ MINILM_SPACE = {
     "prune_ratios": [0.25, 0.5, 0.75],
     "importance": "output",
     "blocks": [1, 2, 3, 4],
-    "recovery": {"top_k": 4, "epochs": 3, "lr": 1e-4, "batch_size": 32, "time_share": 0.5},
+    "recovery": {"top_k": 4, "epochs": 6, "lr": 3e-4, "batch_size": 32, "alpha": 0.5, "time_share": 0.6},
 }
 
 
@@ -148,9 +148,25 @@ def part1(data: Path, output: Path, minutes: float) -> dict:
     run_recipe(load_recipe(path), progress=True)
     found = json.loads((output / "search.json").read_text())
     lines = (output / "candidates.jsonl").read_text().splitlines()
-    phases = [json.loads(line)["phase"] for line in lines[1:]]  # the first line is the log's header
+    entries = [json.loads(line) for line in lines[1:]]  # the first line is the log's header
     seconds = time.perf_counter() - t0
-    return summary(found, phases, seconds) | {"table": Report.load(output).to_table()}
+    return summary(found, [e["phase"] for e in entries], seconds) | {
+        "table": Report.load(output).to_table(),
+        "recovered": [recovered_row(e, entries) for e in entries if e["phase"] == "recover"],
+    }
+
+
+def recovered_row(entry: dict, entries: list[dict]) -> dict:
+    """A recovered candidate: its predicted objective, validation figure before and after, time."""
+    untrained = json.loads(entry["key"]) | {"recover": False}
+    before = next((e["metric"] for e in entries if json.loads(e["key"]) == untrained), None)
+    return {
+        "label": entry["label"],
+        "objective": round(entry["objective"], 1),
+        "metric": round(entry["metric"], 2),
+        "untrained": None if before is None else round(before, 2),
+        "seconds": round(entry["seconds"]),
+    }
 
 
 def summary(found: dict, phases: list[str], seconds: float) -> dict:
