@@ -3,9 +3,10 @@
 1. all-MiniLM-L6-v2 on STS-B: the fastest model within one Spearman point of fp32 on the validation
    split (a tenth of STS-B train), latency of one batch of 64 x 128 tokens at 2 threads, a budget
    of ``--minutes`` (60). Space: per-layer bf16/int8, head and FFN pruning per block, dropped blocks,
-   recovery by distillation from the fp32 model. The search times the chosen model beside fp32
-   eager at the end, interleaved (``measured``); STS-B dev (the test split, never searched on)
-   is reported beside the validation figure. Target: at least 8x fp32 eager.
+   recovery by distillation from the fp32 model mixed half and half with the task loss. The search
+   times the chosen model beside fp32 eager at the end, interleaved (``measured``); STS-B dev (the
+   test split, never searched on) is reported beside the validation figure. Target: at least 8x
+   fp32 eager.
 2. LeNet-5 (Caffe's 20-50-500-10, as ``bench_storage.py``) on the MNIST split: the smallest file
    within half an accuracy point on the validation split. Space: per-layer int8/int4/codebook,
    channel pruning, unstructured sparsity, recovery. The hand-made Deep-Compression pipeline of
