@@ -50,6 +50,7 @@ from slimkit.search import (
     SpaceConfig,
     search,
 )
+from slimkit.search.space import Candidate
 from slimkit.tasks import build_task
 from slimkit.utils.io import save_weights, write_json
 from slimkit.utils.sysinfo import machine_line
@@ -151,16 +152,17 @@ def part1(data: Path, output: Path, minutes: float) -> dict:
     lines = (output / "candidates.jsonl").read_text().splitlines()
     entries = [json.loads(line) for line in lines[1:]]  # the first line is the log's header
     seconds = time.perf_counter() - t0
+    metric_of = {e["key"]: e["metric"] for e in entries}
     return summary(found, [e["phase"] for e in entries], seconds) | {
         "table": Report.load(output).to_table(),
-        "recovered": [recovered_row(e, entries) for e in entries if e["phase"] == "recover"],
+        "recovered": [recovered_row(e, metric_of) for e in entries if e["phase"] == "recover"],
     }
 
 
-def recovered_row(entry: dict, entries: list[dict]) -> dict:
-    """A recovered candidate: its predicted objective, validation figure before and after, time."""
-    untrained = json.loads(entry["key"]) | {"recover": False}
-    before = next((e["metric"] for e in entries if json.loads(e["key"]) == untrained), None)
+def recovered_row(entry: dict, metric_of: dict[str, float]) -> dict:
+    """A recovered candidate: its predicted objective, validation figure before and after (the same
+    candidate untrained, by its canonical key), time."""
+    before = metric_of.get(Candidate.from_dict(entry["candidate"]).with_recovery(False).key())
     return {
         "label": entry["label"],
         "objective": round(entry["objective"], 1),
