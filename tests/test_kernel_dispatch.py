@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -26,9 +27,9 @@ def fake_cpu(monkeypatch):
     for name in (dispatch.INT8_ENV, dispatch.BF16_ENV, dispatch.INT4_COMPUTE_ENV, dispatch.ORT_ENV):
         monkeypatch.delenv(name, raising=False)
 
-    def fake(flags, mkldnn=True):
+    def fake(flags, mkldnn=True, torch_capability=None):
         info = {
-            "torch": "AVX512" if "avx512f" in flags else "AVX2",
+            "torch": torch_capability or ("AVX512" if "avx512f" in flags else "AVX2"),
             "flags": flags,
             "cores": 2,
             "model": "fake",
@@ -73,13 +74,17 @@ def test_int8_gemm_without_fbgemm_is_fp32_and_env_overrides(fake_cpu, monkeypatc
 def test_bf16_int4_and_ort_follow_the_cpu(fake_cpu, monkeypatch):
     fake_cpu(AVX2)
     assert dispatch.bf16_compute().kernel == "fp32"
-    assert dispatch.int4_compute().kernel.endswith("fp32")
+    # ATen's int4/int8 weight-only kernels: bf16 is their vector path on AVX2 too (float32 10-60x slower)
+    assert dispatch.int4_compute().kernel.endswith("bf16") and dispatch.int4_compute().slower
+    assert dispatch.int8_weight_only().kernel.endswith("bf16") and "AVX2" in dispatch.int8_weight_only().why
     assert dispatch.ort_int8().kernel == "u8u8"  # the same codes as on VNNI, on a kernel that cannot saturate
     assert dispatch.int8_conv().kernel == "fp32"
     fake_cpu(VNNI)
     assert dispatch.bf16_compute().kernel == "bf16"
-    assert dispatch.int4_compute().kernel.endswith("bf16")
+    assert dispatch.int4_compute().kernel.endswith("bf16") and not dispatch.int4_compute().slower
     assert dispatch.ort_int8().kernel == "u8s8"
+    fake_cpu([], torch_capability="DEFAULT")  # no vector code in ATen: both compute types slow
+    assert dispatch.int4_compute().kernel.endswith("fp32") and dispatch.int4_compute().slower
     fake_cpu(["avx2", "amx_bf16"])
     assert dispatch.bf16_compute().kernel == "bf16"
     monkeypatch.setenv(dispatch.ORT_ENV, "reduce_range")
@@ -151,7 +156,7 @@ def test_slimkit_info_prints_every_path(fake_cpu, capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     for line in ("int8 dynamic/static Linear: fbgemm", "int8 weight-only: _weight_int8pack_mm",
-                 "int4 weight-only: _weight_int4pack_mm in fp32", "bf16: fp32", "ONNX Runtime int8: u8u8"):  # fmt: skip
+                 "int4 weight-only: _weight_int4pack_mm in bf16", "bf16: fp32", "ONNX Runtime int8: u8u8"):  # fmt: skip
         assert line in out
     assert "versions: slimkit" in out and "torch cpu capability: AVX2" in out
 
@@ -199,3 +204,61 @@ def test_ort_int8_weights_adapted_for_cpus_without_vnni(tmp_path, mode):
     else:  # 7-bit codes: |q| <= 64, so no u8 x s8 pair reaches int16's limit
         assert all(int(abs(w.astype(int)).max()) <= 64 for w in codes)
         assert ((out - fp).norm() / fp.norm()).item() < 3 * ((ref - fp).norm() / fp.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "forced, flags, capped",
+    [
+        (None, VNNI, None),
+        ("avx2", ["avx2"], "ATEN_CPU_CAPABILITY=avx2"),
+        ("AVX2 ", ["avx2"], "ATEN_CPU_CAPABILITY=avx2"),
+        ("default", [], "ATEN_CPU_CAPABILITY=default"),
+        ("avx512", VNNI, None),  # not below what the CPU has: nothing capped
+    ],
+)
+def test_aten_capability_cap_is_followed(monkeypatch, forced, flags, capped):
+    """Told to run PyTorch's AVX2 code, slimkit chooses kernels as on an AVX2-only CPU."""
+    if forced is None:
+        monkeypatch.delenv(cpu.ATEN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cpu.ATEN_ENV, forced)
+    assert cpu.capped(VNNI) == (flags, capped)
+
+
+def test_emulated_avx2_shows_in_info_and_machine_line(monkeypatch):
+    """``slimkit info`` under the AVX2 caps: the kernels an AVX2-only CPU gets, and the missing caps named."""
+    from slimkit.utils import sysinfo
+
+    hardware = {"torch": "AVX2", "flags": ["avx2"], "hardware_flags": VNNI, "cores": 2, "model": "fake"}
+    monkeypatch.setattr(cpu, "capability", lambda: {**hardware, "capped_by": "ATEN_CPU_CAPABILITY=avx2"})
+    for name in cpu.EMULATE_AVX2:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(cpu.ATEN_ENV, "avx2")
+    text = sysinfo.info_text()
+    assert "int8 dynamic/static Linear: fbgemm" in text and "ONNX Runtime has no such cap" in text
+    assert (
+        "also set MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2"
+        in text
+    )
+    for name, value in cpu.EMULATE_AVX2.items():
+        monkeypatch.setenv(name, value)
+    text = sysinfo.info_text()
+    assert "also set" not in text and "the CPU itself has avx2 avx512f avx512_vnni" in text
+    assert "(capped by ATEN_CPU_CAPABILITY=avx2; the CPU has avx2 avx512f" in sysinfo.machine_line()
+    assert sysinfo.info()["library_caps"] == cpu.EMULATE_AVX2
+
+
+def test_fbgemm_avx2_code_saturates_without_reduce_range():
+    """Why 7-bit activations on AVX2: fbgemm's AVX2 code (forced in a subprocess) saturates u8 x s8 pairs."""
+    code = (
+        "import torch; from slimkit.quant import kernels; "
+        "packed = kernels.fbgemm_pack(torch.full((8, 64), 127, dtype=torch.int8), torch.ones(8) / 127, None); "
+        "x = torch.ones(2, 64); op = torch.ops.quantized.linear_dynamic; "
+        "print(op(x, packed, False)[0, 0].item(), op(x, packed, True)[0, 0].item())"
+    )
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    full, seven = (float(v) for v in done.stdout.split())
+    assert abs(seven - 64.0) < 0.5  # 7-bit codes: exact sum of 64 ones
+    assert full < 40.0  # 255 x 127 x 2 = 64770 clipped to 32767 in every pair: about half the sum

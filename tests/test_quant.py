@@ -436,13 +436,19 @@ def test_save_rejects_float_models_and_load_rejects_other_files(tmp_path):
 
 
 def test_int4_compute_dtype_follows_the_cpu(monkeypatch):
-    """bf16 where the CPU computes it natively (the kernel's fast path), float32 elsewhere; env overrides."""
+    """bf16 wherever ATen runs vector code (the kernel's fast path), float32 without it; env overrides."""
     from slimkit.quant import kernels
     from slimkit.utils import cpu
 
+    cases = (
+        ("DEFAULT", [], torch.float32),
+        ("AVX2", ["avx2"], torch.bfloat16),
+        ("AVX512", ["avx2", "avx512_bf16"], torch.bfloat16),
+    )
+    monkeypatch.delenv(kernels.INT4_COMPUTE_ENV, raising=False)
     try:
-        for flags, want in ((["avx2"], torch.float32), (["avx2", "avx512_bf16"], torch.bfloat16)):
-            monkeypatch.setattr(cpu, "capability", lambda f=flags: {"flags": f})
+        for capability, flags, want in cases:
+            monkeypatch.setattr(cpu, "capability", lambda c=capability, f=flags: {"torch": c, "flags": f})
             kernels.int4_compute_dtype.cache_clear()
             assert kernels.int4_compute_dtype() == want
         monkeypatch.setenv(kernels.INT4_COMPUTE_ENV, "fp32")

@@ -163,7 +163,7 @@ def static_int8_linear(
 
 
 def int8_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``_weight_int8pack_mm`` in ``scale``'s dtype. Why bf16 where the CPU has it: as for int4, the
+    """``_weight_int8pack_mm`` in ``scale``'s dtype. Why bf16 (AVX2 or AVX-512): as for int4, the
     kernel's float32 path is slow (576->1536: 0.5 ms for one row, 50 ms for 128 rows, against 0.1 and
     1.5 ms for a float32 Linear), its bf16 path about as fast as float32."""
     shape = x.shape
@@ -185,8 +185,9 @@ def int4_compute_dtype() -> torch.dtype:
     """What the int4 kernel computes in (:func:`slimkit.utils.dispatch.int4_compute` decides). Why:
     ``_weight_int4pack_mm_for_cpu`` has a fast path for bfloat16 activations and scales only; with
     float32 it ran 10-70x slower than a float32 Linear on an AVX-512 BF16 CPU (576->1536, one token:
-    0.83 ms against 0.05 ms in bf16 and 0.08 ms fp32). bf16 activations add about 0.4% relative
-    error, far below int4's own. CPUs without native bf16 (AVX2 only) keep float32."""
+    0.83 ms against 0.05 ms in bf16 and 0.08 ms fp32), and ATen's AVX2 code likewise (bf16 is
+    widened in registers). bf16 activations add about 0.4% relative error, far below int4's own.
+    Only where PyTorch runs no vector code does float32 stay."""
     return torch.bfloat16 if dispatch.int4_compute().kernel.endswith("bf16") else torch.float32
 
 

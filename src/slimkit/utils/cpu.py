@@ -1,7 +1,8 @@
 """The processor slimkit runs on: what it can do, and how busy it is.
 
 - :func:`capability` names the instruction sets the kernels depend on (benchmark tables,
-  ``slimkit info``, and :mod:`slimkit.utils.dispatch`, which chooses kernels by them).
+  ``slimkit info``, and :mod:`slimkit.utils.dispatch`, which chooses kernels by them); with
+  :data:`EMULATE_AVX2` in the environment a newer CPU behaves as an AVX2-only one.
 - :func:`fitted_threads` runs a block with one thread while the machine is
   oversubscribed: more runnable threads (other processes' plus this process's
   PyTorch threads) than cores.
@@ -33,11 +34,22 @@ import torch
 #: Set to ``0`` to keep the thread count under load (e.g. when several Python threads run models at once).
 ADAPT_ENV = "SLIMKIT_ADAPT_THREADS"
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+ATEN_ENV = "ATEN_CPU_CAPABILITY"
+_ALLOWED_UNDER = {"avx2": ("avx2",), "default": ()}  # flags whose code PyTorch still runs under each cap
+#: Environment that makes an AVX-512 CPU run the code an AVX2-only one runs, library by library
+#: (set before Python starts). ONNX Runtime has no such cap: its kernels still use AVX-512 / VNNI.
+EMULATE_AVX2 = {
+    ATEN_ENV: "avx2",  # ATen's vectorised ops (and slimkit's kernel choice, through capped())
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # float32 GEMMs
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: bf16 and int8 GEMMs, convolutions
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",  # fbgemm int8 GEMMs (with AVX2's int16 saturation)
+}
 
 
 @functools.lru_cache(maxsize=1)
 def capability() -> dict[str, object]:
-    """PyTorch's CPU capability (``AVX512``, ``AVX2``, ...), which of :data:`FLAGS` the CPU has, its model."""
+    """PyTorch's CPU capability (``AVX512``, ``AVX2``, ...), which of :data:`FLAGS` the kernels may use
+    (the CPU's, less those a cap excludes: see :func:`capped`), the CPU's own, and its model."""
     try:
         lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
     except OSError:  # not Linux: the flags stay unknown
@@ -46,13 +58,35 @@ def capability() -> dict[str, object]:
     def field(name: str) -> str:
         return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), "")
 
-    flags = field("flags").split()
+    hardware = [f for f in FLAGS if f in field("flags").split()]
+    flags, capped_by = capped(hardware)
     return {
         "torch": torch.backends.cpu.get_cpu_capability(),
-        "flags": [f for f in FLAGS if f in flags],
+        "flags": flags,
+        "hardware_flags": hardware,
+        "capped_by": capped_by,
         "cores": usable_cores(),
         "model": field("model name") or platform.processor() or "unknown CPU",
     }
+
+
+def capped(flags: list[str]) -> tuple[list[str], str | None]:
+    """The flags left when PyTorch is told to run older code (``ATEN_CPU_CAPABILITY=avx2|default``), and by what.
+
+    Why follow it: the kernels' choice must match the code that runs. Set with the caps in
+    :data:`EMULATE_AVX2`, a newer CPU runs every PyTorch library's AVX2 code (fbgemm's int16
+    saturation included), so slimkit should choose as on an AVX2-only CPU.
+    """
+    forced = os.environ.get(ATEN_ENV, "").strip().lower()
+    allowed = _ALLOWED_UNDER.get(forced)
+    if allowed is None:
+        return list(flags), None
+    return [f for f in flags if f in allowed], f"{ATEN_ENV}={forced}"
+
+
+def emulation() -> dict[str, str | None]:
+    """Each library cap of :data:`EMULATE_AVX2` as set in this process (None: unset)."""
+    return {name: os.environ.get(name) for name in EMULATE_AVX2}
 
 
 def usable_cores() -> int:

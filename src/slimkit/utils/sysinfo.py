@@ -38,6 +38,8 @@ def cpu_line() -> str:
     """``AMD EPYC; torch AVX512; avx2 avx512_vnni avx512_bf16; 2 cores``: what the kernels depend on."""
     cap = cpu.capability()
     flags = " ".join(cap["flags"]) or "no AVX2"
+    if cap.get("capped_by"):
+        flags += f" (capped by {cap['capped_by']}; the CPU has {' '.join(cap['hardware_flags']) or 'none'})"
     return f"{cap['model']}; torch {cap['torch']}; {flags}; {cap['cores']} cores"
 
 
@@ -53,6 +55,9 @@ def info() -> dict:
         "cpu": cap["model"],
         "torch_capability": cap["torch"],
         "flags": list(cap["flags"]),
+        "hardware_flags": list(cap.get("hardware_flags", cap["flags"])),
+        "capped_by": cap.get("capped_by"),
+        "library_caps": {k: v for k, v in cpu.emulation().items() if v is not None},
         "cores": cap["cores"],
         "threads": torch.get_num_threads(),
         "mkldnn_enabled": torch.backends.mkldnn.enabled,
@@ -69,6 +74,7 @@ def info_text() -> str:
     lines = [
         f"cpu: {data['cpu']}",
         f"features: {' '.join(data['flags']) or '(none of ' + ', '.join(cpu.FLAGS) + ')'}",
+        *_cap_lines(data),
         f"torch cpu capability: {data['torch_capability']}; oneDNN "
         f"{'enabled' if data['mkldnn_enabled'] else 'disabled'}; "
         f"quantized engines: {', '.join(data['quantized_engines'])}",
@@ -78,3 +84,17 @@ def info_text() -> str:
     ]
     lines += [f"  {c.line()}" for c in dispatch.kernel_table()]
     return "\n".join(lines)
+
+
+def _cap_lines(data: dict) -> list[str]:
+    """What the library caps in the environment change, and which of :data:`cpu.EMULATE_AVX2` are missing."""
+    caps = data["library_caps"]
+    if not caps and not data["capped_by"]:
+        return []
+    set_ = ", ".join(f"{k}={v}" for k, v in caps.items())
+    lines = [f"library caps: {set_}; the CPU itself has {' '.join(data['hardware_flags']) or 'none'}"]
+    missing = [f"{k}={v}" for k, v in cpu.EMULATE_AVX2.items() if k not in caps]
+    if missing:
+        lines.append(f"  to run every library's AVX2 code, also set {' '.join(missing)}")
+    lines.append("  ONNX Runtime has no such cap: its kernels still use what the CPU has")
+    return lines
