@@ -262,3 +262,36 @@ def test_fbgemm_avx2_code_saturates_without_reduce_range():
     full, seven = (float(v) for v in done.stdout.split())
     assert abs(seven - 64.0) < 0.5  # 7-bit codes: exact sum of 64 ones
     assert full < 40.0  # 255 x 127 x 2 = 64770 clipped to 32767 in every pair: about half the sum
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["token", "tensor", "static"])
+def test_exact_int8_is_the_codes_result_on_any_cpu(fake_cpu, config):
+    """``exact_int8`` gives the oneDNN path's result bit for bit, also where the CPU's kernel is fbgemm 7-bit."""
+    model, x = _mlp()
+    q = copy.deepcopy(model)
+    quantize_(q, config, calibration_data=[x[:100], x[100:]])
+    with torch.no_grad():
+        ref = q(x)  # oneDNN (this machine): exact int32 GEMM
+        fake_cpu(AVX2)
+        seven = q(x)
+        with dispatch.exact_int8():
+            assert dispatch.int8_gemm().kernel == "exact" and dispatch.int8_conv().kernel == "exact"
+            exact = q(x)
+        assert dispatch.int8_gemm().kernel == "fbgemm"  # the block ends, the CPU's choice is back
+    assert torch.equal(exact, ref)
+    assert not torch.equal(seven, ref)
+
+
+def test_export_check_uses_the_exact_codes(fake_cpu, tmp_path):
+    """On a CPU without VNNI the PyTorch model runs 7-bit activations; the export is checked against its codes."""
+    pytest.importorskip("onnxruntime")
+    from slimkit.export.onnx import to_onnxruntime
+    from slimkit.recipes.steps.export import runtime_error
+
+    model, x = _mlp()
+    quantize_(model, Int8DynamicConfig(activation_granularity="tensor"))
+    fake_cpu(AVX2)
+    ort = to_onnxruntime(model, {"input": x}, tmp_path / "m.onnx")
+    with torch.no_grad():
+        seven_error = ((ort(input=x) - model(x)).norm() / model(x).norm()).item()
+    assert runtime_error(model, ort, {"input": x})[1] < min(1e-3, seven_error / 3)

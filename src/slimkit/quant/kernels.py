@@ -88,10 +88,18 @@ def zero_point_shift(scale, zero_s8, weight_colsum, bias):
     return shift
 
 
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 x int8 -> int32: ``torch._int_mm``, or in float64 under :func:`dispatch.exact_int8`
+    (every product and sum of int8 codes up to K = 2^38 is an exact float64 integer)."""
+    if dispatch.int8_gemm().kernel == "exact":
+        return torch.mm(a.double(), b.double()).to(torch.int32)
+    return torch._int_mm(a, b)
+
+
 @torch.no_grad()
 def int8_gemm_rescaled(rows: torch.Tensor, qweight_t: torch.Tensor, scale, shift, out: torch.Tensor) -> None:
     """``out = (rows @ W.T) * scale + shift`` for int8 ``rows``, written in place."""
-    torch.mul(torch._int_mm(rows, qweight_t), scale, out=out)
+    torch.mul(int_mm(rows, qweight_t), scale, out=out)
     if shift is not None:
         out.add_(shift)
 

@@ -24,8 +24,11 @@ Overrides (for tests and users): ``SLIMKIT_INT8_KERNEL=onednn|fbgemm|fp32``,
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +78,35 @@ def _has_fbgemm() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, op)
 
 
+_EXACT: contextvars.ContextVar[bool] = contextvars.ContextVar("slimkit_exact_int8", default=False)
+EXACT = KernelChoice(
+    "int8 dynamic/static Linear",
+    "exact",
+    "checking: the int8 codes multiplied exactly (float64 GEMM), any CPU",
+)
+
+
+@contextmanager
+def exact_int8() -> Iterator[None]:
+    """Inside the block, int8 layers compute their codes' exact result, whatever the CPU's fast kernel.
+
+    Why: an exported model carries the layers' 8-bit codes and its runtime multiplies them exactly;
+    the fast kernel of a CPU without VNNI computes with 7-bit activations (fbgemm), which is close
+    on a task (MiniLM STS-B 86.58 against 86.57) but not to the export's tolerance on the raw
+    outputs (relative L2 0.45 against 0.25 to float). An export is checked against this instead.
+    Slow (float64 GEMMs): for checks on a few samples.
+    """
+    token = _EXACT.set(True)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
 def int8_gemm() -> KernelChoice:
     """The int8 x int8 GEMM of ``QuantLinear`` / ``QuantConv2d`` (asked on every call: cheap, cached)."""
+    if _EXACT.get():
+        return EXACT
     return _int8_choice(_flags(), _env(INT8_ENV, INT8_KERNELS), torch.backends.mkldnn.enabled, _has_fbgemm())
 
 
@@ -104,8 +134,8 @@ def _int8_choice(flags: tuple[str, ...], forced: str | None, mkldnn: bool, fbgem
 def int8_conv() -> KernelChoice:
     """``QuantConv2d``: its im2col GEMM is ``torch._int_mm``; without oneDNN's kernel, a float conv."""
     gemm = int8_gemm()
-    if gemm.kernel == "onednn":
-        return KernelChoice("int8 Conv2d", "onednn", gemm.why)
+    if gemm.kernel in ("onednn", "exact"):
+        return KernelChoice("int8 Conv2d", gemm.kernel, gemm.why)
     why = "no oneDNN int8 GEMM here: float32 conv on the dequantized weights (fp32 speed, int8 size)"
     return KernelChoice("int8 Conv2d", "fp32", why)
 

@@ -119,12 +119,13 @@ def runtime_error(
     model: torch.nn.Module, exported: Any, example: dict[str, torch.Tensor]
 ) -> tuple[float, float]:
     """(max abs difference, relative L2 error) of the exported model's output against ``model``'s on
-    ``example``; ``model`` runs in eval mode and is left as it was. An output of another shape is
-    infinitely far."""
+    ``example``; ``model`` runs in eval mode, its int8 layers exactly (:func:`dispatch.exact_int8`:
+    the codes the export carries, not a CPU's 7-bit approximation), and is left as it was. An output
+    of another shape is infinitely far."""
     from slimkit.batch import first_output
     from slimkit.metrics.modes import eval_mode
 
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), dispatch.exact_int8():  # the codes the export carries, exactly
         ref = first_output(model(**example)).float()
     out = exported(**example).float()
     if out.shape != ref.shape:
