@@ -106,7 +106,8 @@ def test_quant_linear_fallbacks_match_the_int8_reference(fake_cpu, monkeypatch, 
     q = copy.deepcopy(model)
     quantize_(q, config, calibration_data=[x[:100], x[100:]])
     with torch.no_grad():
-        fp, ref = model(x), q(x)  # the oneDNN path (this machine)
+        fake_cpu(VNNI)  # the oneDNN path (torch._int_mm: exact on any CPU)
+        fp, ref = model(x), q(x)
         int8_err = ((ref - fp).norm() / fp.norm()).item()
 
         def never(*args):
@@ -271,7 +272,8 @@ def test_exact_int8_is_the_codes_result_on_any_cpu(fake_cpu, config):
     q = copy.deepcopy(model)
     quantize_(q, config, calibration_data=[x[:100], x[100:]])
     with torch.no_grad():
-        ref = q(x)  # oneDNN (this machine): exact int32 GEMM
+        fake_cpu(VNNI)  # torch._int_mm: exact int32 GEMM (oneDNN, or its reference loop on an AVX2 CPU)
+        ref = q(x)
         fake_cpu(AVX2)
         seven = q(x)
         with dispatch.exact_int8():
