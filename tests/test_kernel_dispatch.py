@@ -56,6 +56,27 @@ def test_int8_gemm_follows_the_cpu(fake_cpu, flags, mkldnn, kernel, reduce_range
     choice = dispatch.int8_gemm()
     assert (choice.kernel, choice.reduce_range) == (kernel, reduce_range)
     assert choice.why and choice.path in choice.line()
+    # activations per tensor at run time: fbgemm everywhere it exists (it quantizes while packing)
+    per_tensor = dispatch.int8_gemm(per_tensor_dynamic=True)
+    assert (per_tensor.kernel, per_tensor.reduce_range) == ("fbgemm", reduce_range)
+    assert per_tensor.path == "int8 dynamic per-tensor Linear"
+
+
+def test_per_tensor_layers_say_their_own_kernel(fake_cpu, monkeypatch):
+    fake_cpu(VNNI)
+    model, x = _mlp()
+    tensor, token = copy.deepcopy(model), copy.deepcopy(model)
+    kernels = {
+        "tensor": quantize_(tensor, Int8DynamicConfig(activation_granularity="tensor")).kernels,
+        "token": quantize_(token, Int8DynamicConfig()).kernels,
+    }
+    assert kernels["tensor"]["int8 dynamic per-tensor Linear"].startswith("fbgemm (AVX-512 VNNI")
+    assert kernels["token"]["int8 dynamic/static Linear"].startswith("onednn (AVX-512 VNNI")
+    monkeypatch.setattr(dispatch, "_has_fbgemm", lambda: False)  # no fbgemm: oneDNN for both
+    assert tensor[0].kernel().kernel == "onednn"
+    with torch.no_grad():
+        want = token(x)  # both run oneDNN; tensor and token scales differ, so only closeness is checked
+        assert ((tensor(x) - want).norm() / want.norm()).item() < 0.05
 
 
 def test_int8_gemm_without_fbgemm_is_fp32_and_env_overrides(fake_cpu, monkeypatch):
@@ -107,7 +128,9 @@ def test_quant_linear_fallbacks_match_the_int8_reference(fake_cpu, monkeypatch, 
     quantize_(q, config, calibration_data=[x[:100], x[100:]])
     with torch.no_grad():
         fake_cpu(VNNI)  # the oneDNN path (torch._int_mm: exact on any CPU)
+        monkeypatch.setenv(dispatch.INT8_ENV, "onednn")
         fp, ref = model(x), q(x)
+        monkeypatch.delenv(dispatch.INT8_ENV)
         int8_err = ((ref - fp).norm() / fp.norm()).item()
 
         def never(*args):
@@ -266,14 +289,16 @@ def test_fbgemm_avx2_code_saturates_without_reduce_range():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["token", "tensor", "static"])
-def test_exact_int8_is_the_codes_result_on_any_cpu(fake_cpu, config):
+def test_exact_int8_is_the_codes_result_on_any_cpu(fake_cpu, monkeypatch, config):
     """``exact_int8`` gives the oneDNN path's result bit for bit, also where the CPU's kernel is fbgemm 7-bit."""
     model, x = _mlp()
     q = copy.deepcopy(model)
     quantize_(q, config, calibration_data=[x[:100], x[100:]])
     with torch.no_grad():
         fake_cpu(VNNI)  # torch._int_mm: exact int32 GEMM (oneDNN, or its reference loop on an AVX2 CPU)
+        monkeypatch.setenv(dispatch.INT8_ENV, "onednn")
         ref = q(x)
+        monkeypatch.delenv(dispatch.INT8_ENV)
         fake_cpu(AVX2)
         seven = q(x)
         with dispatch.exact_int8():

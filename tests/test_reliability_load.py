@@ -145,6 +145,9 @@ def _layers() -> dict[str, nn.Module]:
 
 
 def test_int8_layers_give_identical_bits_single_threaded_under_load(two_threads, monkeypatch):
+    from slimkit.utils import dispatch
+
+    monkeypatch.setenv(dispatch.INT8_ENV, "onednn")  # the row-sliced path, on any CPU (spied on below)
     layers = _layers()
     quiet = {name: m(x) for name, (m, x) in layers.items()}
     seen = []

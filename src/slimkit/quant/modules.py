@@ -122,7 +122,7 @@ class QuantLinear(_Packed):
         return self._derived("terms", sources, lambda: kernels.static_terms(*sources))
 
     def kernel(self) -> dispatch.KernelChoice:
-        return dispatch.int8_gemm()
+        return dispatch.int8_gemm(per_tensor_dynamic=(self.mode, self.granularity) == ("dynamic", "tensor"))
 
     def pt2_problem(self) -> str | None:
         """Asked by :mod:`slimkit.export.pt2`: fbgemm's packed weights and quantized tensors do not trace."""
@@ -151,7 +151,7 @@ class QuantLinear(_Packed):
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_scale is not None:
             x = x * self.in_scale
-        choice = dispatch.int8_gemm()
+        choice = self.kernel()
         if choice.kernel not in ("onednn", "exact"):
             return self._fallback_forward(x, choice)
         if self.mode == "dynamic":
@@ -164,7 +164,8 @@ class QuantLinear(_Packed):
         return out.reshape(*shape[:-1], -1).to(x.dtype)
 
     def _fallback_forward(self, x: torch.Tensor, choice: dispatch.KernelChoice) -> torch.Tensor:
-        """Where ``torch._int_mm`` is slow: fbgemm's int8 GEMM with the same codes, or float32."""
+        """fbgemm's int8 GEMM with the same codes (where ``torch._int_mm`` is slow, or activations per
+        tensor at run time, which fbgemm quantizes while packing), or float32."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         weights = (self.qweight, self.w_scale, self.bias_value)
