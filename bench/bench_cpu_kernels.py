@@ -3,8 +3,8 @@
 Part ``minilm`` (2 threads, latencies interleaved on 64 x 128 real tokens, STS-B dev Spearman x100):
 fp32 eager; bf16 as slimkit runs it (``BF16Config``) and as plain bf16 GEMMs; PyTorch's
 ``quantize_dynamic``; slimkit int8 inside PyTorch, per-tensor and per-token activations, on the
-kernel :mod:`slimkit.utils.dispatch` picks for this CPU (oneDNN ``torch._int_mm`` with AVX-512
-VNNI, fbgemm with 7-bit activations without); slimkit int8 on ONNX Runtime with each weight form
+kernel :mod:`slimkit.utils.dispatch` picks for this CPU (with AVX-512 VNNI: fbgemm per tensor,
+oneDNN ``torch._int_mm`` per token; without: fbgemm with 7-bit activations); slimkit int8 on ONNX Runtime with each weight form
 (``u8s8`` as written; ``reduce_range`` and ``u8u8``, the mitigations for CPUs without VNNI).
 
 Part ``layers``: one 576 -> 1536 Linear (SmolLM2's FFN shape) at one token and at 128 rows: float32
@@ -76,7 +76,7 @@ def build_rows(model, example, tmp: Path) -> dict:
     """``name -> (runner, scored)``: the runner maps a batch to the last hidden state."""
     from torch.ao.quantization import quantize_dynamic
 
-    gemm, bf16 = dispatch.int8_gemm().kernel, dispatch.bf16_compute().kernel
+    bf16 = dispatch.bf16_compute().kernel
     rows = {"fp32 eager": (torch_runner(model), True)}
     rows[f"slimkit bf16 ({bf16} GEMMs)"] = (torch_runner(quantized(model, BF16Config())), True)
     if bf16 != "bf16":  # what slimkit avoids here: timed, not scored (minutes at this speed)
@@ -90,6 +90,7 @@ def build_rows(model, example, tmp: Path) -> dict:
             include=["encoder.*", "embeddings.*"],
         )
         q = quantized(model, config)
+        gemm = dispatch.int8_gemm(per_tensor_dynamic=granularity == "tensor").kernel
         rows[f"slimkit int8 per {granularity} ({gemm})"] = (torch_runner(q), True)
         if granularity == "tensor":
             rows.update(ort_rows(q, example, tmp))
