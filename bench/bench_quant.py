@@ -3,7 +3,7 @@
 Part ``minilm`` (all rows in one process, 2 threads, latencies interleaved):
 fp32 eager (baseline), bf16, PyTorch ``quantize_dynamic``, ONNX Runtime
 ``quantize_dynamic``, torchao int8 dynamic + ``torch.compile``, slimkit int8
-(ONNX Runtime kernels), slimkit int8 (pure PyTorch ``torch._int_mm``) and
+(ONNX Runtime kernels), slimkit int8 (pure PyTorch, on the kernel slimkit's dispatch picks) and
 slimkit mixed precision. Latency input: 64 sequences of exactly 128 real tokens
 (STS-B dev text packed end to end, no padding, so no runtime can skip padded
 positions). Quality: STS-B dev Spearman of mean-pooled embeddings (every
@@ -40,6 +40,7 @@ from slimkit.metrics import compare_latency, spearman
 from slimkit.models.hf import minilm_path
 from slimkit.quant import Int8DynamicConfig, MixedPrecisionConfig, load_quantized, quantize_, save_quantized
 from slimkit.quant.sensitivity import plot_sensitivity
+from slimkit.utils import dispatch
 from slimkit.utils.io import save_weights, write_json
 from slimkit.utils.sysinfo import machine_line
 
@@ -149,7 +150,10 @@ def build_slimkit(model, example, calib, tmp: Path, args, rows: dict, info: dict
     ort_int8 = to_onnxruntime(q, with_padding(example, pad=16), tmp / "slimkit_int8.onnx")
     info["slimkit_int8_onnx_bytes"] = ort_int8.file_size()
     rows["slimkit int8 (ORT kernels)"] = (lambda b: ort_int8(**b), size, "per-channel w, per-tensor act")
-    rows["slimkit int8 (torch._int_mm)"] = (torch_runner(q), size, "pure PyTorch path")
+    kernel = dispatch.int8_gemm(
+        per_tensor_dynamic=True
+    ).kernel  # fbgemm where it exists (slimkit.utils.dispatch)
+    rows[f"slimkit int8 (PyTorch, {kernel})"] = (torch_runner(q), size, "pure PyTorch path")
     low = {"method": "int8_dynamic", "activation_granularity": "tensor"}
     mixed_cfg = MixedPrecisionConfig(
         low=low,
