@@ -121,16 +121,26 @@ def _mlp() -> tuple[nn.Module, torch.Tensor]:
 CONFIGS = [Int8DynamicConfig(), Int8DynamicConfig(activation_granularity="tensor"), Int8StaticConfig()]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["token", "tensor", "static"])
-def test_quant_linear_fallbacks_match_the_int8_reference(fake_cpu, monkeypatch, config):
+def _with_onednn_reference(fake_cpu, monkeypatch, config):
+    """(float model, its quantized copy, input, float output, oneDNN path's output).
+
+    The reference is forced onto ``torch._int_mm``: an exact int32 GEMM on any CPU (oneDNN's VNNI
+    kernel, or its reference loop on an AVX2 one); the CPU's own choice is back afterwards."""
     model, x = _mlp()
     q = copy.deepcopy(model)
     quantize_(q, config, calibration_data=[x[:100], x[100:]])
+    fake_cpu(VNNI)
+    monkeypatch.setenv(dispatch.INT8_ENV, "onednn")
     with torch.no_grad():
-        fake_cpu(VNNI)  # the oneDNN path (torch._int_mm: exact on any CPU)
-        monkeypatch.setenv(dispatch.INT8_ENV, "onednn")
         fp, ref = model(x), q(x)
-        monkeypatch.delenv(dispatch.INT8_ENV)
+    monkeypatch.delenv(dispatch.INT8_ENV)
+    return model, q, x, fp, ref
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["token", "tensor", "static"])
+def test_quant_linear_fallbacks_match_the_int8_reference(fake_cpu, monkeypatch, config):
+    model, q, x, fp, ref = _with_onednn_reference(fake_cpu, monkeypatch, config)
+    with torch.no_grad():
         int8_err = ((ref - fp).norm() / fp.norm()).item()
 
         def never(*args):
@@ -291,14 +301,8 @@ def test_fbgemm_avx2_code_saturates_without_reduce_range():
 @pytest.mark.parametrize("config", CONFIGS, ids=["token", "tensor", "static"])
 def test_exact_int8_is_the_codes_result_on_any_cpu(fake_cpu, monkeypatch, config):
     """``exact_int8`` gives the oneDNN path's result bit for bit, also where the CPU's kernel is fbgemm 7-bit."""
-    model, x = _mlp()
-    q = copy.deepcopy(model)
-    quantize_(q, config, calibration_data=[x[:100], x[100:]])
+    _, q, x, _, ref = _with_onednn_reference(fake_cpu, monkeypatch, config)
     with torch.no_grad():
-        fake_cpu(VNNI)  # torch._int_mm: exact int32 GEMM (oneDNN, or its reference loop on an AVX2 CPU)
-        monkeypatch.setenv(dispatch.INT8_ENV, "onednn")
-        ref = q(x)
-        monkeypatch.delenv(dispatch.INT8_ENV)
         fake_cpu(AVX2)
         seven = q(x)
         with dispatch.exact_int8():
