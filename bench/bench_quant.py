@@ -150,9 +150,8 @@ def build_slimkit(model, example, calib, tmp: Path, args, rows: dict, info: dict
     ort_int8 = to_onnxruntime(q, with_padding(example, pad=16), tmp / "slimkit_int8.onnx")
     info["slimkit_int8_onnx_bytes"] = ort_int8.file_size()
     rows["slimkit int8 (ORT kernels)"] = (lambda b: ort_int8(**b), size, "per-channel w, per-tensor act")
-    kernel = dispatch.int8_gemm(
-        per_tensor_dynamic=True
-    ).kernel  # fbgemm where it exists (slimkit.utils.dispatch)
+    # the kernel slimkit's dispatch picks for these layers (fbgemm where it exists)
+    kernel = dispatch.int8_gemm(per_tensor_dynamic=True).kernel
     rows[f"slimkit int8 (PyTorch, {kernel})"] = (torch_runner(q), size, "pure PyTorch path")
     low = {"method": "int8_dynamic", "activation_granularity": "tensor"}
     mixed_cfg = MixedPrecisionConfig(

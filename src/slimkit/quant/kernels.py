@@ -91,7 +91,7 @@ def zero_point_shift(scale, zero_s8, weight_colsum, bias):
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 x int8 -> int32: ``torch._int_mm``, or in float64 under :func:`dispatch.exact_int8`
     (every product and sum of int8 codes up to K = 2^38 is an exact float64 integer)."""
-    if dispatch.int8_gemm().kernel == "exact":
+    if dispatch.exact_active():  # asked per row slice: a context-variable read, not the whole dispatch
         return torch.mm(a.double(), b.double()).to(torch.int32)
     return torch._int_mm(a, b)
 

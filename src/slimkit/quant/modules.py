@@ -152,7 +152,7 @@ class QuantLinear(_Packed):
         if self.in_scale is not None:
             x = x * self.in_scale
         choice = self.kernel()
-        if choice.kernel not in ("onednn", "exact"):
+        if not choice.on_int_mm:
             return self._fallback_forward(x, choice)
         if self.mode == "dynamic":
             return kernels.dynamic_int8_linear(
@@ -242,7 +242,7 @@ class QuantConv2d(_Packed):
         return dispatch.int8_conv()
 
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel().kernel not in ("onednn", "exact"):  # _int_mm slow here: float conv, same weights
+        if not self.kernel().on_int_mm:  # torch._int_mm would be slow here: float conv, same weights
             w = self._derived("fp32_weight", (self.qweight, self.w_scale), self.weight)
             out = F.conv2d(x.float(), w, self.bias_value, self.stride, self.padding, self.dilation)
             return out.to(x.dtype)

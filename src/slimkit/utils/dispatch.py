@@ -58,6 +58,11 @@ class KernelChoice:
     def line(self) -> str:
         return f"{self.path}: {self.kernel} ({self.why})"
 
+    @property
+    def on_int_mm(self) -> bool:
+        """Whether the layer runs slimkit's own int8 path (``torch._int_mm``, or its exact check form)."""
+        return self.kernel in ("onednn", "exact")
+
 
 def _flags() -> tuple[str, ...]:
     return tuple(cpu.capability()["flags"])
@@ -103,10 +108,15 @@ def exact_int8() -> Iterator[None]:
         _EXACT.reset(token)
 
 
+def exact_active() -> bool:
+    """Whether the caller is inside :func:`exact_int8` (one context-variable read: for hot paths)."""
+    return _EXACT.get()
+
+
 def int8_gemm(per_tensor_dynamic: bool = False) -> KernelChoice:
     """The int8 x int8 GEMM of ``QuantLinear`` / ``QuantConv2d`` (asked on every call: cheap, cached);
     ``per_tensor_dynamic``: for a Linear whose activations are quantized per tensor at run time."""
-    if _EXACT.get():
+    if exact_active():
         return EXACT
     forced = _env(INT8_ENV, INT8_KERNELS)
     return _int8_choice(_flags(), forced, torch.backends.mkldnn.enabled, _has_fbgemm(), per_tensor_dynamic)
@@ -145,7 +155,7 @@ def _int8_choice(
 def int8_conv() -> KernelChoice:
     """``QuantConv2d``: its im2col GEMM is ``torch._int_mm``; without oneDNN's kernel, a float conv."""
     gemm = int8_gemm()
-    if gemm.kernel in ("onednn", "exact"):
+    if gemm.on_int_mm:
         return KernelChoice("int8 Conv2d", gemm.kernel, gemm.why)
     why = "no oneDNN int8 GEMM here: float32 conv on the dequantized weights (fp32 speed, int8 size)"
     return KernelChoice("int8 Conv2d", "fp32", why)
